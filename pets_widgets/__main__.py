@@ -1,0 +1,36 @@
+"""Command line: ``python -m pets_widgets demo`` prints a released crosstab and its card."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def demo(seed: int) -> None:
+    import pets_widgets as pw
+
+    fed = pw.demo_federation(seed=seed)
+    print(f"{fed}: synthetic registries, about "
+          + ", ".join(f"{s} {n:,}" for s, n in fed.status()["rows"].items()) + " patients\n")
+    spec = pw.Crosstab(rows="tumour_group", cols="age_band", where={"sex": ["F"]})
+    print(f"Query: {spec.describe()}\n")
+    release = fed.run(spec, epsilon=1.0, analyst="demo")
+    print(release.display_table().to_string())
+    print(f"\n<{release.card.k} = hidden cell\n")
+    print(release.card.describe())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pets_widgets")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_demo = sub.add_parser("demo", help="print a released crosstab with its parameter card")
+    p_demo.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        demo(args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,428 @@
+"""The enclave stand-in: attests itself, decrypts only totals, enforces the policy, adds noise.
+
+It is the only holder of the Paillier private key. It checks every site's signature, the
+spec hash, the nonce it issued and the packing before decrypting the homomorphic sum; it
+enforces the :class:`~pets_widgets.privacy.Policy` itself (a user interface can be bypassed),
+reserves budget in the ledger before noise is drawn, and releases nothing that is not
+noised and suppressed. Its attested measurement hashes its code and its policy, so sites
+refuse to encrypt to an enclave whose rules were quietly loosened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from pets_widgets import audit, crypto, privacy
+from pets_widgets import schema as S
+from pets_widgets.errors import (
+    BudgetExceeded,
+    IntegrityError,
+    InternalError,
+    QueryRefused,
+    QueryValidationError,
+    SiteIntegrityError,
+)
+from pets_widgets.query import Layout, QuerySpec
+from pets_widgets.release import BUILDERS, NoisyBlocks, Release
+
+#: Modules whose source makes up the enclave's measured code.
+MEASURED_MODULES = ("enclave", "privacy", "crypto", "release", "query", "schema", "audit")
+
+
+def code_measurement() -> str:
+    """SHA-256 over the source of the enclave's modules (a stand-in for an MRENCLAVE)."""
+    digest = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in MEASURED_MODULES:
+        digest.update(name.encode())
+        digest.update((here / f"{name}.py").read_bytes())
+    return digest.hexdigest()
+
+
+def expected_measurement(policy: privacy.Policy) -> str:
+    """The measurement an enclave running this code with this policy reports: what a site's
+    governance approves."""
+    return hashlib.sha256(f"{code_measurement()}:{policy.hash}".encode()).hexdigest()
+
+
+def check_epsilon(epsilon: object) -> Fraction:
+    """Validate a requested epsilon and return it as an exact fraction."""
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (numbers.Real, Fraction)):
+        raise QueryValidationError("epsilon", f"{epsilon!r} is not a number",
+                                   "a finite number above 0")
+    if isinstance(epsilon, float) and not math.isfinite(epsilon):
+        raise QueryValidationError("epsilon", f"{epsilon!r} is not finite",
+                                   "a finite number above 0")
+    value = Fraction(str(epsilon)) if isinstance(epsilon, float) else Fraction(epsilon)
+    if value <= 0:
+        raise QueryValidationError("epsilon", f"{epsilon!r} is not above 0",
+                                   "a finite number above 0")
+    return value
+
+
+def check_k(k: object) -> int:
+    """Validate a requested suppression threshold."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or int(k) < 1:  # type: ignore[call-overload]
+        raise QueryValidationError("k", f"{k!r} is not a whole number of at least 1",
+                                   "integers from the policy's k upwards")
+    return int(k)  # type: ignore[call-overload]
+
+
+@dataclass
+class Admission:
+    """A query the enclave has admitted: validated, within policy, with per-site nonces."""
+
+    spec: QuerySpec
+    epsilon: Fraction
+    k: int
+    analyst: str
+    sites: tuple[str, ...]
+    layout: Layout
+    packing: crypto.Packing
+    release_key: str
+    nonces: dict[str, str] = field(default_factory=dict)
+
+
+class Enclave:
+    """Holds the Paillier private key, the attestation key, the policy and the ledger."""
+
+    def __init__(self, schema: S.Schema, ledger: audit.Ledger,
+                 policy: privacy.Policy | None = None, key_bits: int = crypto.DEFAULT_KEY_BITS,
+                 site_capacity: int = crypto.DEFAULT_SITE_CAPACITY):
+        self.schema = schema
+        self.policy = policy or privacy.Policy()
+        self.key_bits = key_bits
+        self.site_capacity = site_capacity
+        self.public_key, self._private_key = crypto.generate_paillier_keypair(key_bits)
+        self.key_fingerprint = crypto.key_fingerprint(self.public_key)
+        self._platform_key = crypto.SigningKey()  # stands in for the CPU's attestation key
+        self.platform_key = self._platform_key.public
+        self.measurement = expected_measurement(self.policy)
+        self._mechanism: privacy.NoiseMechanism = privacy.OpenDPDiscreteLaplace()
+        self._site_keys: dict[str, crypto.VerifyKey] = {}
+        self.ledger = ledger
+        ledger.set_meta("policy", json.dumps(self.policy.to_dict(), sort_keys=True))
+        ledger.set_meta("measurement", self.measurement)
+
+    # -- attestation ------------------------------------------------------------------------
+    def register_site(self, name: str, verify_key: crypto.VerifyKey) -> None:
+        """Record a site's signing key (done once, when the site joins the federation)."""
+        if name not in self.schema.sites:
+            raise ValueError(f"{name!r} is not a site of this federation")
+        self._site_keys[name] = verify_key
+
+    def quote(self, nonce: str) -> crypto.Quote:
+        """A signed quote of this enclave's measurement and key, answering ``nonce``."""
+        quote = crypto.Quote(self.measurement, nonce, self.key_fingerprint, self.policy.hash)
+        return replace(quote, signature=self._platform_key.sign(quote.body()))
+
+    # -- phase 1: admission -----------------------------------------------------------------
+    def admit(self, spec: QuerySpec, epsilon: object, k: object, analyst: str,
+              sites: Sequence[str]) -> Admission | Release:
+        """Check a query against the policy before any site does any work.
+
+        Returns the stored :class:`Release` when this exact question was answered before
+        (nothing is spent), or an :class:`Admission` to collect site aggregates for.
+        Refusals raise :class:`QueryRefused` after writing their audit row.
+        """
+        sites = tuple(sites)
+        eps = self._validated(spec, epsilon, k, analyst, sites)
+        k_int = check_k(k)
+        self._enforce(spec, eps, k_int, analyst, sites)
+        admission = self._admission(spec, eps, k_int, analyst, sites)
+        stored = self.ledger.stored(admission.release_key)
+        if stored is not None:
+            return self._repeat(admission, stored)
+        budget = self._budget(analyst)
+        if eps > budget.analyst_left or eps > budget.federation_left:
+            self._refuse_budget(spec, eps, analyst, sites, budget)
+        return admission
+
+    def _admission(self, spec: QuerySpec, eps: Fraction, k: int, analyst: str,
+                   sites: tuple[str, ...]) -> Admission:
+        layout = spec.layout(self.schema)
+        packing = crypto.Packing.for_layout(layout.size, layout.max_contribution, len(sites),
+                                            self.key_bits, self.site_capacity)
+        return Admission(spec, eps, k, analyst, sites, layout, packing,
+                         self._release_key(spec, eps, sites))
+
+    def _validated(self, spec: QuerySpec, epsilon: object, k: object, analyst: str,
+                   sites: tuple[str, ...]) -> Fraction:
+        try:
+            if not isinstance(spec, QuerySpec):
+                raise QueryValidationError("spec", f"{type(spec).__name__} is not a query spec",
+                                           "Count, Mean, Crosstab, Histogram, ...")
+            spec.validate(self.schema)
+            eps = check_epsilon(epsilon)
+            check_k(k)
+            if not analyst or not isinstance(analyst, str):
+                raise QueryValidationError("analyst", f"{analyst!r} is not a name",
+                                           "a non-empty name")
+        except QueryValidationError as exc:
+            self.ledger.record(
+                analyst=str(analyst or "?"), spec_hash=getattr(spec, "hash", ""),
+                spec_json=spec.to_json() if isinstance(spec, QuerySpec) else "{}",
+                sites=sites, epsilon_asked=None, outcome=audit.INVALID, rule=exc.field,
+                reason=str(exc))
+            raise
+        return eps
+
+    def _enforce(self, spec: QuerySpec, eps: Fraction, k: int, analyst: str,
+                 sites: tuple[str, ...]) -> None:
+        policy = self.policy
+        if eps > Fraction(str(policy.max_epsilon)):
+            self._refuse(spec, eps, analyst, sites, QueryRefused(
+                "max_epsilon", f"epsilon {float(eps):g} is above the policy maximum of "
+                f"{policy.max_epsilon:g} per release"))
+        if k < policy.k:
+            self._refuse(spec, eps, analyst, sites, QueryRefused(
+                "k", f"k={k} is below the policy minimum of {policy.k}: cells below "
+                f"{policy.k} are always hidden"))
+        if set(sites) != set(self.schema.sites):
+            self._refuse(spec, eps, analyst, sites, QueryRefused(
+                "sites", "every site of the federation must take part in every query"))
+
+    def _refuse(self, spec: QuerySpec, eps: Fraction | None, analyst: str,
+                sites: tuple[str, ...], exc: QueryRefused) -> None:
+        self.ledger.record(analyst=analyst, spec_hash=spec.hash, spec_json=spec.to_json(),
+                           sites=sites, epsilon_asked=eps, outcome=audit.REFUSED,
+                           rule=exc.rule, reason=str(exc))
+        raise exc
+
+    def _refuse_budget(self, spec: QuerySpec, eps: Fraction, analyst: str,
+                       sites: tuple[str, ...], budget: audit.Budget) -> None:
+        if eps > budget.analyst_left:
+            exc = BudgetExceeded("analyst_budget", (
+                f"epsilon {float(eps):g} would take analyst {analyst!r} past the policy's "
+                f"budget of {self.policy.analyst_budget:g} per analyst "
+                f"({float(budget.analyst_left):g} left)"))
+        else:
+            exc = BudgetExceeded("federation_budget", (
+                f"epsilon {float(eps):g} would take the federation past its total budget of "
+                f"{self.policy.federation_budget:g} ({float(budget.federation_left):g} left)"))
+        self._refuse(spec, eps, analyst, sites, exc)
+
+    def _budget(self, analyst: str) -> audit.Budget:
+        return self.ledger.budget(analyst, Fraction(str(self.policy.analyst_budget)),
+                                  Fraction(str(self.policy.federation_budget)))
+
+    def budget(self, analyst: str) -> audit.Budget:
+        """What ``analyst`` and the federation have spent and have left."""
+        return self._budget(analyst)
+
+    @staticmethod
+    def _release_key(spec: QuerySpec, eps: Fraction, sites: Sequence[str]) -> str:
+        text = f"{spec.hash}|{eps.numerator}/{eps.denominator}|{','.join(sorted(sites))}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def issue_nonce(self, admission: Admission, site: str, nonce: str) -> crypto.Quote:
+        """Quote for one site's challenge, remembered so the site's reply must answer it."""
+        admission.nonces[site] = nonce
+        return self.quote(nonce)
+
+    def abort(self, admission: Admission, outcome: str, rule: str, reason: str) -> None:
+        """Record a query that failed before any budget was reserved (nothing spent)."""
+        self.ledger.record(analyst=admission.analyst, spec_hash=admission.spec.hash,
+                           spec_json=admission.spec.to_json(), sites=admission.sites,
+                           epsilon_asked=admission.epsilon, outcome=outcome, rule=rule,
+                           reason=reason)
+
+    # -- phase 2: verification, decryption, release -------------------------------------------
+    def verify(self, admission: Admission, aggregates: Sequence[crypto.EncryptedAggregate],
+               summed: Sequence[int]) -> None:
+        """Raise :class:`IntegrityError` unless every aggregate is signed by its site, for this
+        spec, this query's nonce, this key and packing, and ``summed`` is their product."""
+        seen = sorted(a.site for a in aggregates)
+        if seen != sorted(admission.sites):
+            raise IntegrityError("the aggregates do not come from exactly the query's sites")
+        for agg in aggregates:
+            problem = self._problem(admission, agg)
+            if problem:
+                raise SiteIntegrityError(agg.site, problem)
+        expected = crypto.add_encrypted(self.public_key, [a.ciphertexts for a in aggregates])
+        if list(summed) != expected:
+            raise IntegrityError("the aggregator's sum does not match the signed site "
+                                 "aggregates")
+
+    def _problem(self, admission: Admission, agg: crypto.EncryptedAggregate) -> str:
+        """Why one site's aggregate cannot be accepted ("" when it can)."""
+        key = self._site_keys.get(agg.site)
+        if key is None:
+            return "the site is not registered with the enclave"
+        if not key.verify(agg.signature, agg.body()):
+            return "its aggregate has a bad signature (tampered or not signed by the site)"
+        if agg.spec_hash != admission.spec.hash:
+            return "its aggregate is for another query"
+        if agg.nonce != admission.nonces.get(agg.site):
+            return "its aggregate answers another challenge (a replay)"
+        if agg.key_fingerprint != self.key_fingerprint:
+            return "its aggregate is encrypted to another enclave key"
+        if agg.packing != admission.packing:
+            return "its aggregate uses another packing"
+        if len(agg.ciphertexts) != admission.packing.n_ciphertexts:
+            return "its aggregate has the wrong number of ciphertexts"
+        try:
+            crypto.check_ciphertexts(self.public_key, agg.ciphertexts)
+        except IntegrityError as exc:
+            return str(exc)
+        return ""
+
+    def _totals(self, admission: Admission, summed: Sequence[int]) -> dict[str, np.ndarray]:
+        plaintexts = crypto.decrypt(self._private_key, summed)
+        cells = np.array(admission.packing.unpack(plaintexts), dtype=np.int64)
+        out, slices = {}, admission.layout.slices()
+        for block in admission.layout.blocks:
+            out[block.name] = cells[slices[block.name]]
+        return out
+
+    def release(self, admission: Admission, aggregates: Sequence[crypto.EncryptedAggregate],
+                summed: Sequence[int]) -> Release:
+        """Verify, reserve budget, decrypt the totals, add noise, suppress, store, release."""
+        try:
+            self.verify(admission, aggregates, summed)
+        except IntegrityError as exc:
+            self.abort(admission, audit.FAILED, "integrity", str(exc))
+            raise
+        spec, eps = admission.spec, admission.epsilon
+        try:
+            reservation = self.ledger.reserve(
+                analyst=admission.analyst, spec_hash=spec.hash, epsilon=eps,
+                analyst_budget=Fraction(str(self.policy.analyst_budget)),
+                federation_budget=Fraction(str(self.policy.federation_budget)))
+        except BudgetExceeded as exc:
+            self.abort(admission, audit.REFUSED, exc.rule, str(exc))
+            raise
+        try:
+            totals = self._totals(admission, summed)
+            noisy = self._noisy(admission.layout, eps, totals)
+            payload = json.dumps({"noisy": {b: v.tolist() for b, v in noisy.values.items()},
+                                  "time": audit.now()})
+            refusal = self._subset_refusal(admission, noisy)
+            if refusal is not None:
+                self.ledger.store_unreleased(
+                    release_key=admission.release_key, spec_hash=spec.hash,
+                    sites=admission.sites, epsilon=eps,
+                    payload=json.dumps({"refused": [refusal.rule, str(refusal)]}))
+                raise refusal
+            release = self._build(admission, noisy, suppress=True)
+            self.ledger.commit_release(
+                reservation, release_key=admission.release_key, spec_hash=spec.hash,
+                spec_json=spec.to_json(), sites=admission.sites, epsilon=eps,
+                analyst=admission.analyst, payload=payload)
+        except BaseException as exc:
+            rule = exc.rule if isinstance(exc, QueryRefused) else "fault"
+            outcome = audit.REFUSED if isinstance(exc, QueryRefused) else audit.FAILED
+            self.ledger.return_reservation(
+                reservation, analyst=admission.analyst, spec_hash=spec.hash,
+                spec_json=spec.to_json(), sites=admission.sites, epsilon=eps, outcome=outcome,
+                rule=rule, reason=str(exc) if isinstance(exc, QueryRefused)
+                else f"{type(exc).__name__} after the budget was reserved; nothing released")
+            raise
+        return self._with_budget(release, admission.analyst)
+
+    @staticmethod
+    def _scale(sensitivity: int, eps: Fraction, share: Fraction) -> Fraction:
+        return Fraction(sensitivity) / (eps * share)
+
+    def _noise_params(self, layout: Layout, eps: Fraction,
+                      values: Mapping[str, np.ndarray]) -> NoisyBlocks:
+        scales = {b.name: self._scale(b.sensitivity, eps, b.budget_share) for b in layout.blocks}
+        return NoisyBlocks(dict(values), {b: float(s) for b, s in scales.items()},
+                           {b: privacy.noise_interval(s) for b, s in scales.items()})
+
+    def _noisy(self, layout: Layout, eps: Fraction,
+               totals: Mapping[str, np.ndarray]) -> NoisyBlocks:
+        """Discrete Laplace noise on every cell of every block, at the block's own scale."""
+        values = {}
+        for block in layout.blocks:
+            scale = self._scale(block.sensitivity, eps, block.budget_share)
+            noisy = self._mechanism.sample(totals[block.name].tolist(), scale)
+            values[block.name] = np.asarray(noisy, dtype=np.int64)
+        return self._noise_params(layout, eps, values)
+
+    def _subset_refusal(self, admission: Admission, noisy: NoisyBlocks) -> QueryRefused | None:
+        """The differencing defence: a filter must select at least ``min_subset`` patients,
+        judged on the noisy cells (their sum is post-processing of the release's own noise)."""
+        if not admission.spec.where or self.policy.min_subset <= 0:
+            return None
+        subset = sum(int(noisy.values[b.name].sum()) for b in admission.layout.blocks
+                     if b.partition)
+        if subset < self.policy.min_subset:
+            return QueryRefused(
+                "min_subset", f"the filter {dict(admission.spec.where)} selects fewer than the "
+                f"policy minimum of {self.policy.min_subset} patients (judged on noisy counts)")
+        return None
+
+    def _repeat(self, admission: Admission, stored: str) -> Release:
+        spec, eps, analyst, sites = (admission.spec, admission.epsilon, admission.analyst,
+                                     admission.sites)
+        data = json.loads(stored)
+        if "refused" in data:
+            rule, message = data["refused"]
+            self._refuse(spec, eps, analyst, sites, QueryRefused(rule, message))
+        values = {b: np.asarray(v, dtype=np.int64) for b, v in data["noisy"].items()}
+        release = self._build(admission, self._noise_params(admission.layout, eps, values),
+                              suppress=True, repeated=True)
+        self.ledger.record(analyst=analyst, spec_hash=spec.hash, spec_json=spec.to_json(),
+                           sites=sites, epsilon_asked=eps, outcome=audit.REPEATED,
+                           reason="same question at the same epsilon: stored release returned")
+        return self._with_budget(release, analyst)
+
+    def _build(self, admission: Admission, noisy: NoisyBlocks, *, suppress: bool,
+               repeated: bool = False, exact: bool = False) -> Release:
+        spec, layout, eps, k = admission.spec, admission.layout, admission.epsilon, admission.k
+        builder = BUILDERS.get(spec.kind)
+        if builder is None:
+            raise InternalError(f"no table builder for query kind {spec.kind!r}")
+        tables = builder(spec, self.schema, layout, noisy, k, self.policy.protection, suppress)
+        components = tuple(
+            privacy.NoiseComponent(b.name, float(eps * b.budget_share), b.sensitivity,
+                                   0.0 if exact else noisy.scales[b.name],
+                                   0 if exact else noisy.intervals[b.name])
+            for b in layout.blocks)
+        first = components[0]
+        rule = (f"primary: cells with a noisy value below k={k} hidden; secondary: further "
+                f"cells hidden where totals would reveal a hidden cell to within "
+                f"{self.policy.protection}") if suppress else "none (test-only exact release)"
+        card = privacy.ParameterCard(
+            mechanism="none (test-only exact totals)" if exact else self._mechanism.name,
+            epsilon=float(eps), epsilon_per_cell=first.epsilon, sensitivity=first.sensitivity,
+            noise_scale=first.noise_scale, noise_interval_95=first.noise_interval_95, k=k,
+            suppression_rule=rule, spec_hash=spec.hash, sites=admission.sites, time=audit.now(),
+            components=components, margins=tables.margins,
+            postprocessing=tables.postprocessing, analyst=admission.analyst,
+            repeated=repeated, policy=self.policy.to_dict())
+        return Release(spec, tables.table, tables.suppressed, card, tables.lower, tables.upper,
+                       tables.extras)
+
+    def _with_budget(self, release: Release, analyst: str) -> Release:
+        budget = self._budget(analyst)
+        card = replace(release.card, budget_spent=float(budget.analyst_spent),
+                       budget_left=float(budget.analyst_left),
+                       federation_budget_left=float(budget.federation_left))
+        return replace(release, card=card)
+
+    # -- the test door (reached only from pets_widgets.testing) --------------------------------
+    def _admit_exact(self, spec: QuerySpec, analyst: str, sites: Sequence[str]) -> Admission:
+        """Admission for the test door: validated, but no policy, budget or stored release."""
+        spec.validate(self.schema)
+        return self._admission(spec, Fraction(1), self.policy.k, analyst, tuple(sites))
+
+    def _release_exact(self, admission: Admission,
+                       aggregates: Sequence[crypto.EncryptedAggregate],
+                       summed: Sequence[int]) -> Release:
+        """Exact totals, no noise, no suppression, no budget: for oracle tests only."""
+        self.verify(admission, aggregates, summed)
+        totals = self._totals(admission, summed)
+        noisy = NoisyBlocks(totals, {b: 0.0 for b in totals}, {b: 0 for b in totals})
+        self.abort(admission, audit.TEST, "test", "exact totals through pets_widgets.testing")
+        return self._build(admission, noisy, suppress=False, exact=True)

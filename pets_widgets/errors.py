@@ -1,0 +1,80 @@
+"""Exception classes: each names the rule or field a researcher can act on.
+
+Messages state rules and parameters, never a hidden value: a refusal says which policy
+floor was hit, not the size of the subset that hit it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class PetsError(Exception):
+    """Base class of every error pets_widgets raises on purpose."""
+
+
+class QueryValidationError(PetsError, ValueError):
+    """A query, or a run parameter, is not valid against the schema or the allowed ranges.
+
+    ``field`` names the offending field (``"by"``, ``"where.sex"``, ``"epsilon"``) and
+    ``allowed`` lists or describes what would have been accepted.
+    """
+
+    def __init__(self, field: str, problem: str, allowed: Iterable[object] | str | None = None):
+        self.field = field
+        self.problem = problem
+        if allowed is None or isinstance(allowed, str):
+            self.allowed: tuple[object, ...] | str | None = allowed
+            shown = allowed
+        else:
+            self.allowed = tuple(allowed)
+            shown = ", ".join(repr(a) for a in self.allowed)
+        message = f"{field}: {problem}"
+        if shown:
+            message += f"; allowed: {shown}"
+        super().__init__(message)
+
+
+class QueryRefused(PetsError):
+    """The enclave refused to release: a policy rule would be broken. ``rule`` names it."""
+
+    def __init__(self, rule: str, message: str):
+        self.rule = rule
+        super().__init__(message)
+
+
+class BudgetExceeded(QueryRefused):
+    """The query's epsilon would take an analyst or the federation past its total budget."""
+
+
+class AttestationError(PetsError):
+    """A site refused the enclave: its quote failed verification or is not the approved one."""
+
+
+class IntegrityError(PetsError):
+    """An encrypted aggregate was tampered with, is for another spec or key, or is unsigned."""
+
+
+class PackingError(PetsError, ValueError):
+    """An aggregate does not fit the slot layout agreed for the query (overflow by construction)."""
+
+
+class SiteError(PetsError):
+    """A site failed during a query; ``site`` names it and ``cause`` says how."""
+
+    def __init__(self, site: str, cause: str):
+        self.site = site
+        self.cause = cause
+        super().__init__(f"site {site!r} failed: {cause}")
+
+
+class SiteAttestationError(SiteError, AttestationError):
+    """A site refused to encrypt because the enclave's attestation did not verify."""
+
+
+class SiteIntegrityError(SiteError, IntegrityError):
+    """A site's reply was malformed, tampered with, or for another query or key."""
+
+
+class InternalError(PetsError, RuntimeError):
+    """A bug in pets_widgets: an invariant that should hold by construction did not."""

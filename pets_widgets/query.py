@@ -1,0 +1,437 @@
+"""Query specs: immutable, validated against the schema, canonical JSON and SHA-256 hash.
+
+A spec says *what* to compute, never how; sites turn it into an integer aggregate vector
+whose :class:`Layout` depends on the spec and the schema only, so an empty cell is a zero
+that is always there, and the shape of an answer reveals nothing about the data.
+
+Canonical form: variable names and categorical values are matched case-insensitively
+and stored in schema spelling; filter values and group-by variables are put in schema
+order; filters that select every allowed value are dropped. Two specs that ask the same
+question therefore have the same JSON and the same :attr:`QuerySpec.hash`, so a repeated
+question cannot buy fresh noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from fractions import Fraction
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+from pets_widgets import schema as S
+from pets_widgets.errors import QueryValidationError
+
+#: Schema used to validate specs when they are built; sites are checked at run time against
+#: the federation's own schema (site names are not known before).
+_BASE = S.default_schema()
+
+FilterValue = tuple[Any, ...]
+Where = Mapping[str, FilterValue]
+
+
+def _norm_name(text: object) -> str:
+    return str(text).strip().lower().replace(" ", "_").replace("-", "_")
+
+
+def _resolve_variable(name: object, field_name: str, allowed: Iterable[str]) -> str:
+    allowed = tuple(allowed)
+    if not isinstance(name, str):
+        raise QueryValidationError(field_name, f"expected a variable name, got {name!r}", allowed)
+    wanted = _norm_name(name)
+    for candidate in allowed:
+        if _norm_name(candidate) == wanted:
+            return candidate
+    raise QueryValidationError(field_name, f"{name!r} is not allowed here", allowed)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _as_int(value: object, field_name: str, bounds: tuple[int, int]) -> int:
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise QueryValidationError(
+                field_name, f"{value!r} is not a whole number", f"integers {bounds[0]}-{bounds[1]}"
+            )
+        value = int(value)
+    if not _is_int(value):
+        raise QueryValidationError(
+            field_name, f"{value!r} is not an integer", f"integers {bounds[0]}-{bounds[1]}"
+        )
+    return int(value)  # type: ignore[arg-type]
+
+
+def _normalise_filter(var: S.Variable, raw: object, field_name: str) -> FilterValue | None:
+    """Canonical filter values for one variable, or None when the filter selects everything."""
+    if var.kind is S.Kind.INTEGER:
+        assert var.bounds is not None
+        lo_b, hi_b = var.bounds
+        allowed = f"a (low, high) range of integers within {lo_b}-{hi_b}"
+        if _is_int(raw) or isinstance(raw, float):
+            lo = hi = _as_int(raw, field_name, var.bounds)
+        elif isinstance(raw, (list, tuple)) and len(raw) == 2:
+            lo, hi = (_as_int(v, field_name, var.bounds) for v in raw)
+        else:
+            raise QueryValidationError(field_name, f"{raw!r} is not a range", allowed)
+        if lo > hi:
+            raise QueryValidationError(field_name, f"range ({lo}, {hi}) is reversed", allowed)
+        if lo < lo_b or hi > hi_b:
+            raise QueryValidationError(field_name, f"range ({lo}, {hi}) is out of bounds", allowed)
+        return None if (lo, hi) == (lo_b, hi_b) else (lo, hi)
+
+    values = [raw] if isinstance(raw, (str, bool)) or not isinstance(raw, Iterable) else list(raw)
+    if not values:
+        raise QueryValidationError(field_name, "selects no value", var.values)
+    if var.name == "site":
+        # Site names belong to a federation: checked by QuerySpec.validate at run time.
+        if not all(isinstance(v, str) and v.strip() for v in values):
+            raise QueryValidationError(field_name, f"{values!r} are not site names", "site names")
+        return tuple(sorted({v.strip() for v in values}))
+    chosen: set[object] = set()
+    for value in values:
+        chosen.add(_match_value(var, value, field_name))
+    ordered = tuple(v for v in var.values if v in chosen)
+    return None if len(ordered) == len(var.values) else ordered
+
+
+def _match_value(var: S.Variable, value: object, field_name: str) -> object:
+    if var.kind is S.Kind.BOOLEAN:
+        if isinstance(value, bool):
+            return value
+        if _is_int(value) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
+            return value.strip().lower() in ("true", "yes")
+        raise QueryValidationError(field_name, f"{value!r} is not a boolean", var.values)
+    if isinstance(value, str):
+        wanted = value.strip().casefold()
+        for category in var.categories:
+            if category.casefold() == wanted:
+                return category
+    raise QueryValidationError(field_name, f"{value!r} is not a category", var.values)
+
+
+def _normalise_where(where: Mapping[str, object] | None, schema: S.Schema) -> Where:
+    if where is None:
+        return MappingProxyType({})
+    if not isinstance(where, Mapping):
+        raise QueryValidationError("where", f"expected a mapping, got {type(where).__name__}",
+                                   schema.names)
+    out: dict[str, FilterValue] = {}
+    for raw_name, raw in where.items():
+        name = _resolve_variable(raw_name, "where", schema.names)
+        if name in out:
+            raise QueryValidationError(f"where.{name}", "is given twice", schema.names)
+        value = _normalise_filter(schema[name], raw, f"where.{name}")
+        if value is not None:
+            out[name] = value
+    return MappingProxyType({k: out[k] for k in schema.names if k in out})
+
+
+def _normalise_by(by: object, schema: S.Schema, field_name: str = "by") -> tuple[str, ...]:
+    if by is None:
+        return ()
+    items = [by] if isinstance(by, str) else list(by)  # type: ignore[call-overload]
+    names = [_resolve_variable(b, field_name, schema.groupable) for b in items]
+    if len(set(names)) != len(names):
+        raise QueryValidationError(field_name, f"repeats a variable in {names}", schema.groupable)
+    return tuple(n for n in schema.names if n in names)
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One axis of an aggregate block: a categorical variable, or a variable cut into bins."""
+
+    name: str
+    levels: tuple[Any, ...]
+    #: ``"category"`` (index of the value in ``levels``) or ``"bins"`` (histogram edges).
+    coding: str = "category"
+    edges: tuple[int, ...] = ()
+
+    @property
+    def size(self) -> int:
+        return len(self.levels)
+
+
+@dataclass(frozen=True)
+class Block:
+    """A group of cells computed the same way: patient counts, or clipped sums of a variable.
+
+    ``max_contribution`` is the most one patient adds to one cell; ``sensitivity`` is the
+    most one patient changes the block's cells in total (L1, add/remove one patient), which
+    sets the noise scale; ``budget_share`` is the block's fraction of the query's epsilon.
+    For a sum the stored value is ``clip(x) - clip_low`` so every cell is non-negative.
+    """
+
+    name: str
+    dims: tuple[Dim, ...]
+    sensitivity: int = 1
+    max_contribution: int = 1
+    budget_share: Fraction = Fraction(1)
+    summand: str | None = None
+    offset: int = 0
+    #: True when each patient falls in at most one cell of all such blocks together, so their
+    #: cells add up to the number of patients the query selects (used for the subset rule).
+    partition: bool = True
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(d.size for d in self.dims) or (1,)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Ordered blocks of cells: the fixed meaning of every position of an aggregate vector."""
+
+    blocks: tuple[Block, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(b.size for b in self.blocks)
+
+    def slices(self) -> dict[str, slice]:
+        """Where each block sits in the flat vector."""
+        out, start = {}, 0
+        for block in self.blocks:
+            out[block.name] = slice(start, start + block.size)
+            start += block.size
+        return out
+
+    @property
+    def max_contribution(self) -> int:
+        return max(b.max_contribution for b in self.blocks)
+
+    def describe(self) -> str:
+        return "; ".join(
+            f"{b.name}[{' x '.join(d.name for d in b.dims) or 'all'}]={b.size}" for b in self.blocks
+        )
+
+
+_KINDS: dict[str, type[QuerySpec]] = {}
+
+
+@dataclass(frozen=True)
+class QuerySpec:
+    """Base class of query specs: a frozen, validated value with canonical JSON and hash."""
+
+    kind: ClassVar[str] = ""
+    where: Where = field(default_factory=lambda: MappingProxyType({}), kw_only=True)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            _KINDS[cls.kind] = cls
+
+    def __post_init__(self) -> None:
+        self._set("where", _normalise_where(self.where, _BASE))
+        self._normalise()
+
+    def _set(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+
+    def _normalise(self) -> None:
+        """Normalise and validate the kind's own fields (overridden)."""
+
+    # -- validation against a federation's schema ------------------------------------------
+    def validate(self, schema: S.Schema) -> QuerySpec:
+        """Check the spec against ``schema`` (site names included); return it unchanged."""
+        for name, values in self.where.items():
+            if name == "site":
+                allowed = schema["site"].categories
+                for v in values:
+                    if v not in allowed:
+                        raise QueryValidationError("where.site", f"{v!r} is not a site", allowed)
+        for name in self.stratifiers():
+            if name not in schema:
+                raise QueryValidationError("by", f"{name!r} is not a variable", schema.groupable)
+        return self
+
+    def stratifiers(self) -> tuple[str, ...]:
+        """The categorical variables the cells are split by."""
+        return ()
+
+    def layout(self, schema: S.Schema) -> Layout:
+        """The fixed cell layout of this query's aggregate vector."""
+        raise NotImplementedError
+
+    # -- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form: ``{"kind": ..., <fields>..., "where": {...}}``."""
+        out: dict[str, Any] = {"kind": self.kind}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "where":
+                value = {k: list(v) for k, v in value.items()}
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, no whitespace; equal specs give equal text."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def _hash_form(self) -> dict[str, Any]:
+        """The form that is hashed; kinds whose field order is cosmetic override it."""
+        return self.to_dict()
+
+    @property
+    def hash(self) -> str:
+        """Canonical SHA-256 (hex) of the question asked, independent of spelling and order."""
+        form = {"schema_version": S.SCHEMA_VERSION, **self._hash_form()}
+        text = json.dumps(form, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def __hash__(self) -> int:
+        return hash(self.hash)
+
+    def describe(self) -> str:
+        """A one-line description for people."""
+        parts = [self.kind]
+        for f in fields(self):
+            if f.name != "where" and getattr(self, f.name) not in ((), None):
+                parts.append(f"{f.name}={getattr(self, f.name)}")
+        if self.where:
+            parts.append("where " + ", ".join(f"{k} in {list(v)}" for k, v in self.where.items()))
+        return " ".join(str(p) for p in parts)
+
+
+def _count_dims(names: Iterable[str], schema: S.Schema) -> tuple[Dim, ...]:
+    return tuple(Dim(n, schema[n].values) for n in names)
+
+
+@dataclass(frozen=True)
+class Count(QuerySpec):
+    """Number of patients, overall or in each combination of the ``by`` categories."""
+
+    kind: ClassVar[str] = "count"
+    by: tuple[str, ...] = ()
+
+    def _normalise(self) -> None:
+        self._set("by", _normalise_by(self.by, _BASE))
+
+    def stratifiers(self) -> tuple[str, ...]:
+        return self.by
+
+    def layout(self, schema: S.Schema) -> Layout:
+        return Layout((Block("count", _count_dims(self.by, schema)),))
+
+
+@dataclass(frozen=True)
+class Mean(QuerySpec):
+    """Mean of a bounded variable (or a proportion, for a boolean), overall or by group.
+
+    Released as a noisy clipped sum over a noisy count, the epsilon split equally between
+    the two. Clipping bounds come from the schema, so one patient moves the sum by at most
+    the width of the clipping range.
+    """
+
+    kind: ClassVar[str] = "mean"
+    variable: str = ""
+    by: tuple[str, ...] = ()
+
+    def _normalise(self) -> None:
+        self._set("variable", _resolve_variable(self.variable, "variable", _BASE.summable))
+        self._set("by", _normalise_by(self.by, _BASE))
+
+    def stratifiers(self) -> tuple[str, ...]:
+        return self.by
+
+    def clip(self, schema: S.Schema) -> tuple[int, int]:
+        var = schema[self.variable]
+        return var.clip if var.clip is not None else (0, 1)
+
+    def layout(self, schema: S.Schema) -> Layout:
+        lo, hi = self.clip(schema)
+        dims = _count_dims(self.by, schema)
+        half = Fraction(1, 2)
+        return Layout((
+            Block("count", dims, budget_share=half),
+            Block("sum", dims, sensitivity=hi - lo, max_contribution=hi - lo, budget_share=half,
+                  summand=self.variable, offset=lo, partition=False),
+        ))
+
+
+@dataclass(frozen=True)
+class Crosstab(QuerySpec):
+    """Counts of patients in every combination of two categorical variables, with margins."""
+
+    kind: ClassVar[str] = "crosstab"
+    rows: str = ""
+    cols: str = ""
+
+    def _normalise(self) -> None:
+        self._set("rows", _resolve_variable(self.rows, "rows", _BASE.groupable))
+        self._set("cols", _resolve_variable(self.cols, "cols", _BASE.groupable))
+        if self.rows == self.cols:
+            others = tuple(n for n in _BASE.groupable if n != self.rows)
+            raise QueryValidationError("cols", f"must differ from rows ({self.rows!r})", others)
+
+    def stratifiers(self) -> tuple[str, ...]:
+        return (self.rows, self.cols)
+
+    def _hash_form(self) -> dict[str, Any]:
+        # Swapping rows and columns asks the same question: hash the unordered pair.
+        form = self.to_dict()
+        form["rows"], form["cols"] = sorted((self.rows, self.cols))
+        return form
+
+    def layout(self, schema: S.Schema) -> Layout:
+        return Layout((Block("count", _count_dims((self.rows, self.cols), schema)),))
+
+
+@dataclass(frozen=True)
+class Histogram(QuerySpec):
+    """Counts of patients in the schema's fixed bins of a bounded variable."""
+
+    kind: ClassVar[str] = "histogram"
+    variable: str = ""
+
+    def _normalise(self) -> None:
+        self._set("variable", _resolve_variable(self.variable, "variable", _BASE.numeric))
+
+    def layout(self, schema: S.Schema) -> Layout:
+        var = schema[self.variable]
+        dim = Dim(var.name, var.bin_labels(), coding="bins", edges=var.bins)
+        return Layout((Block("count", (dim,)),))
+
+
+def spec_from_dict(data: Mapping[str, Any]) -> QuerySpec:
+    """Rebuild (and re-validate) a spec from its :meth:`QuerySpec.to_dict` form."""
+    if not isinstance(data, Mapping) or "kind" not in data:
+        raise QueryValidationError("kind", "missing", sorted(_KINDS))
+    kind = data["kind"]
+    if kind not in _KINDS:
+        raise QueryValidationError("kind", f"{kind!r} is not a query kind", sorted(_KINDS))
+    cls = _KINDS[kind]
+    known = {f.name for f in fields(cls)}
+    extra = set(data) - known - {"kind"}
+    if extra:
+        raise QueryValidationError(sorted(extra)[0], "is not a field of " + cls.__name__,
+                                   sorted(known))
+    kwargs = {k: v for k, v in data.items() if k != "kind"}
+    return cls(**kwargs)
+
+
+def spec_from_json(text: str | bytes) -> QuerySpec:
+    """Rebuild a spec from :meth:`QuerySpec.to_json` text; validation runs again."""
+    try:
+        data = json.loads(text)
+    except (TypeError, ValueError) as exc:
+        raise QueryValidationError("json", f"not valid JSON ({exc})") from None
+    return spec_from_dict(data)
+
+
+def query_kinds() -> tuple[str, ...]:
+    """Names of all query kinds, for menus."""
+    return tuple(_KINDS)

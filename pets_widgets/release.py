@@ -1,0 +1,272 @@
+"""Releases: the tables that leave the enclave, built from noisy totals by post-processing only.
+
+Everything here happens after the noise: clamping at zero, margins as sums of noisy cells,
+primary and secondary suppression decided on noisy values, means as noisy sum over noisy
+count, 95% noise intervals. None of it touches exact totals, so none of it costs privacy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pets_widgets import privacy
+from pets_widgets import schema as S
+from pets_widgets.query import Block, Count, Crosstab, Histogram, Layout, Mean, QuerySpec
+
+TOTAL = "Total"
+ALL = "All patients"
+
+
+@dataclass(frozen=True)
+class NoisyBlocks:
+    """Noisy (or, through the test door only, exact) totals of a query, by block name."""
+
+    values: Mapping[str, np.ndarray]
+    scales: Mapping[str, float]
+    intervals: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class Tables:
+    """What a builder returns: released values, the hidden mask, and 95% noise intervals."""
+
+    table: pd.DataFrame
+    suppressed: pd.DataFrame
+    lower: pd.DataFrame
+    upper: pd.DataFrame
+    margins: str = ""
+    postprocessing: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Release:
+    """A released result: ``table`` (hidden cells missing), ``suppressed`` (same shape),
+    ``card`` (the :class:`~pets_widgets.privacy.ParameterCard`), and 95% noise intervals
+    ``lower`` / ``upper`` of each released value."""
+
+    spec: QuerySpec
+    table: pd.DataFrame
+    suppressed: pd.DataFrame
+    card: privacy.ParameterCard
+    lower: pd.DataFrame
+    upper: pd.DataFrame
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def display_table(self, hidden: str | None = None) -> pd.DataFrame:
+        """The table as text, hidden cells shown as ``"<k"`` (``"<5"`` by default)."""
+        mark = hidden if hidden is not None else f"<{self.card.k}"
+        shown = self.table.astype(object).map(_fmt)
+        return shown.mask(self.suppressed.to_numpy(), mark)
+
+    def _repr_html_(self) -> str:
+        legend = (f"<p><small>&lt;{self.card.k}: hidden (noisy value below {self.card.k}, or "
+                  f"hidden so another hidden cell cannot be worked out). "
+                  f"{_escape(self.card.describe().splitlines()[0])}</small></p>")
+        return self.display_table().to_html() + legend
+
+    def __repr__(self) -> str:
+        return (f"Release({self.spec.describe()})\n{self.display_table().to_string()}\n"
+                f"{self.card.describe()}")
+
+    def to_csv(self) -> str:
+        """The released table as CSV, hidden cells as ``<k``, ready to download."""
+        return self.display_table().to_csv()
+
+    def to_json(self) -> str:
+        """Spec, card and released table: enough to reproduce and review the release."""
+        return json.dumps({
+            "spec": self.spec.to_dict(),
+            "card": self.card.to_dict(),
+            "table": json.loads(self.display_table().to_json(orient="split")),
+        }, default=str, sort_keys=True)
+
+
+def _fmt(value: object) -> str:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4g}" if not float(value).is_integer() or abs(value) < 1e15 else str(value)
+    return str(value)
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _index(dims: tuple[str, ...], schema: S.Schema) -> pd.Index:
+    if not dims:
+        return pd.Index([ALL], name="")
+    if len(dims) == 1:
+        return pd.Index(list(schema[dims[0]].values), name=dims[0])
+    return pd.MultiIndex.from_product([list(schema[d].values) for d in dims], names=list(dims))
+
+
+def _interval(values: np.ndarray, half: float) -> tuple[np.ndarray, np.ndarray]:
+    return np.maximum(values - half, 0), values + half
+
+
+def _margin_half_width(n_cells: int, scale: float, exact_half: int) -> float:
+    """95% half-width of a sum of ``n_cells`` independent noises (normal approximation)."""
+    if n_cells <= 1:
+        return float(exact_half)
+    return 1.959964 * privacy.noise_sd(scale) * math.sqrt(n_cells)
+
+
+def _with_margins(cells: np.ndarray) -> np.ndarray:
+    """A 2-D table with row totals as the last column and column totals as the last row."""
+    out = np.zeros((cells.shape[0] + 1, cells.shape[1] + 1), dtype=np.int64)
+    out[:-1, :-1] = cells
+    out[:-1, -1] = cells.sum(axis=1)
+    out[-1, :-1] = cells.sum(axis=0)
+    out[-1, -1] = cells.sum()
+    return out
+
+
+def _margin_widths(shape: tuple[int, int], scale: float, half: int) -> np.ndarray:
+    r, c = shape
+    w = np.full((r + 1, c + 1), float(half))
+    w[:-1, -1] = _margin_half_width(c, scale, half)
+    w[-1, :-1] = _margin_half_width(r, scale, half)
+    w[-1, -1] = _margin_half_width(r * c, scale, half)
+    return w
+
+
+MARGINS_DERIVED = ("row, column and grand totals are sums of the released noisy cells "
+                   "(post-processing, no extra budget); their intervals use a normal approximation")
+CLAMPED = "noisy counts below zero set to zero"
+
+
+def _protected_2d(cells: np.ndarray, k: int, protection: int,
+                  suppress: bool) -> tuple[np.ndarray, np.ndarray]:
+    table = _with_margins(cells)
+    if not suppress:
+        return table, np.zeros(table.shape, dtype=bool)
+    hidden = privacy.primary_suppression(table, k)
+    hidden = privacy.secondary_suppression(table, hidden, protection)
+    return table, hidden
+
+
+# --------------------------------------------------------------------------- builders
+
+
+Builder = Callable[..., Tables]
+
+
+def build_count(spec: Count, schema: S.Schema, layout: Layout, noisy: NoisyBlocks, k: int,
+                protection: int, suppress: bool) -> Tables:
+    block = layout.blocks[0]
+    cells = np.maximum(noisy.values["count"], 0)
+    half = noisy.intervals["count"]
+    if len(spec.by) == 2:
+        return _count_two_way(spec, schema, block, cells, noisy, k, protection, suppress)
+    index = _index(spec.by, schema)
+    table = pd.DataFrame({"count": pd.array(cells, dtype="Int64")}, index=index)
+    hidden = privacy.primary_suppression(cells, k) if suppress else np.zeros(len(cells), bool)
+    lo, hi = _interval(cells, half)
+    return _finish(table, hidden, lo, hi, margins="none released",
+                   postprocessing=CLAMPED)
+
+
+def _count_two_way(spec: Count, schema: S.Schema, block: Block, cells: np.ndarray,
+                   noisy: NoisyBlocks, k: int, protection: int, suppress: bool) -> Tables:
+    a, b = spec.by
+    grid = cells.reshape(block.shape)
+    table2, hidden2 = _protected_2d(grid, k, protection, suppress)
+    widths = _margin_widths(grid.shape, noisy.scales["count"], noisy.intervals["count"])
+    rows = [*schema[a].values, TOTAL]
+    cols = [*schema[b].values, TOTAL]
+    index = pd.MultiIndex.from_product([rows, cols], names=[a, b])
+    flat = table2.ravel()
+    table = pd.DataFrame({"count": pd.array(flat, dtype="Int64")}, index=index)
+    lo, hi = _interval(flat.astype(float), widths.ravel())
+    return _finish(table, hidden2.ravel(), lo, hi, margins=MARGINS_DERIVED,
+                   postprocessing=CLAMPED + "; complementary suppression so hidden cells "
+                   "cannot be recovered from the totals")
+
+
+def build_crosstab(spec: Crosstab, schema: S.Schema, layout: Layout, noisy: NoisyBlocks, k: int,
+                   protection: int, suppress: bool) -> Tables:
+    block = layout.blocks[0]
+    grid = np.maximum(noisy.values["count"], 0).reshape(block.shape)
+    table2, hidden2 = _protected_2d(grid, k, protection, suppress)
+    widths = _margin_widths(grid.shape, noisy.scales["count"], noisy.intervals["count"])
+    index = pd.Index([*schema[spec.rows].values, TOTAL], name=spec.rows)
+    columns = pd.Index([*schema[spec.cols].values, TOTAL], name=spec.cols)
+    table = pd.DataFrame(table2, index=index, columns=columns).astype("Int64")
+    lo, hi = _interval(table2.astype(float), widths)
+    return _finish(table, hidden2, lo, hi, margins=MARGINS_DERIVED,
+                   postprocessing=CLAMPED + "; complementary suppression so hidden cells "
+                   "cannot be recovered from the totals")
+
+
+def build_histogram(spec: Histogram, schema: S.Schema, layout: Layout, noisy: NoisyBlocks,
+                    k: int, protection: int, suppress: bool) -> Tables:
+    dim = layout.blocks[0].dims[0]
+    cells = np.maximum(noisy.values["count"], 0)
+    index = pd.Index(list(dim.levels), name=f"{spec.variable} ({schema[spec.variable].unit})")
+    table = pd.DataFrame({"count": pd.array(cells, dtype="Int64")}, index=index)
+    hidden = privacy.primary_suppression(cells, k) if suppress else np.zeros(len(cells), bool)
+    lo, hi = _interval(cells, noisy.intervals["count"])
+    return _finish(table, hidden, lo, hi, margins="none released", postprocessing=CLAMPED,
+                   extras={"edges": dim.edges})
+
+
+def build_mean(spec: Mean, schema: S.Schema, layout: Layout, noisy: NoisyBlocks, k: int,
+               protection: int, suppress: bool) -> Tables:
+    lo_clip, hi_clip = spec.clip(schema)
+    count = noisy.values["count"].astype(float)
+    total = noisy.values["sum"].astype(float)
+    positive = count > 0
+    mean = np.where(positive, lo_clip + total / np.where(positive, count, 1), np.nan)
+    mean = np.clip(mean, lo_clip, hi_clip)
+    index = _index(spec.by, schema)
+    table = pd.DataFrame({"mean": mean, "n": pd.array(np.maximum(count, 0).astype(np.int64),
+                                                       dtype="Int64")}, index=index)
+    hidden = (privacy.primary_suppression(count, k) | ~positive if suppress
+              else np.zeros(len(count), bool))
+    # Joint 95% noise interval: 97.5% for the sum and for the count (Bonferroni).
+    a_c = privacy.noise_interval(noisy.scales["count"], 0.975)
+    a_s = privacy.noise_interval(noisy.scales["sum"], 0.975)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m_lo = lo_clip + (total - a_s) / (count + a_c)
+        m_hi = np.where(count - a_c > 0, lo_clip + (total + a_s) / (count - a_c), hi_clip)
+    m_lo = np.clip(np.nan_to_num(m_lo, nan=lo_clip), lo_clip, hi_clip)
+    m_hi = np.clip(np.nan_to_num(m_hi, nan=hi_clip), lo_clip, hi_clip)
+    n_lo, n_hi = _interval(np.maximum(count, 0), noisy.intervals["count"])
+    lower = pd.DataFrame({"mean": m_lo, "n": n_lo}, index=index)
+    upper = pd.DataFrame({"mean": m_hi, "n": n_hi}, index=index)
+    mask = pd.DataFrame({"mean": hidden, "n": hidden}, index=index)
+    table = table.mask(mask)
+    return Tables(table, mask, lower.mask(mask), upper.mask(mask), margins="none released",
+                  postprocessing=("mean = clip_low + noisy clipped sum / noisy count, kept "
+                                  f"within [{lo_clip}, {hi_clip}]; hidden when the noisy count "
+                                  f"is below {k}; interval is the joint 95% noise interval"))
+
+
+def _finish(table: pd.DataFrame, hidden: np.ndarray, lo: np.ndarray, hi: np.ndarray, *,
+            margins: str, postprocessing: str, extras: dict[str, Any] | None = None) -> Tables:
+    hidden = np.asarray(hidden, dtype=bool).reshape(table.shape)
+    mask = pd.DataFrame(hidden, index=table.index, columns=table.columns)
+    lower = pd.DataFrame(np.asarray(lo, float).reshape(table.shape), index=table.index,
+                         columns=table.columns).mask(mask)
+    upper = pd.DataFrame(np.asarray(hi, float).reshape(table.shape), index=table.index,
+                         columns=table.columns).mask(mask)
+    return Tables(table.mask(mask), mask, lower, upper, margins, postprocessing, extras or {})
+
+
+#: Table builders by query kind; later query kinds register theirs here.
+BUILDERS: dict[str, Builder] = {
+    "count": build_count, "crosstab": build_crosstab,
+    "histogram": build_histogram, "mean": build_mean,
+}

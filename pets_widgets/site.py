@@ -1,0 +1,227 @@
+"""A registry site: holds its rows and answers approved query specs with encrypted aggregates.
+
+Rows never leave a :class:`Site`; neither does the plaintext aggregate. What leaves is an
+:class:`~pets_widgets.crypto.EncryptedAggregate`, encrypted to a key whose enclave passed
+attestation, and signed with the site's own key.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pets_widgets import crypto
+from pets_widgets import schema as S
+from pets_widgets.errors import AttestationError, QueryValidationError
+from pets_widgets.query import Block, Dim, QuerySpec, spec_from_dict
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """What a site trusts: the attestation platform's key and the approved enclave measurement."""
+
+    platform_key: crypto.VerifyKey
+    approved_measurement: str
+
+
+@dataclass(frozen=True)
+class AggregateRequest:
+    """Everything a site needs for one query; plain data, so it can cross into a kernel as JSON."""
+
+    spec: QuerySpec
+    quote: crypto.Quote
+    public_key: crypto.PublicKey
+    packing: crypto.Packing
+
+    def to_json(self) -> str:
+        q = self.quote
+        return json.dumps({
+            "spec": self.spec.to_dict(),
+            "quote": {"measurement": q.measurement, "nonce": q.nonce,
+                      "key_fingerprint": q.key_fingerprint, "policy_hash": q.policy_hash,
+                      "signature": q.signature.hex()},
+            "public_key_n": format(self.public_key.n, "x"),
+            "packing": self.packing.to_dict(),
+        }, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> AggregateRequest:
+        """Parse and re-validate a request; the spec is checked again against the schema."""
+        try:
+            d = json.loads(text)
+            q = d["quote"]
+            quote = crypto.Quote(q["measurement"], q["nonce"], q["key_fingerprint"],
+                                 q["policy_hash"], bytes.fromhex(q["signature"]))
+            public_key = crypto.PublicKey(int(d["public_key_n"], 16))
+            packing = crypto.Packing(**d["packing"])
+            raw_spec = d["spec"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise QueryValidationError("request", f"malformed ({type(exc).__name__})") from None
+        return cls(spec_from_dict(raw_spec), quote, public_key, packing)
+
+
+BlockFunction = Callable[["Site", Block, np.ndarray], np.ndarray]
+
+
+class Site:
+    """One registry: rows, population denominators, a signing key and an enrollment.
+
+    The public surface exposes no rows and no plaintext aggregate: only the site's name,
+    its verify key, a rounded size, its public denominators and :meth:`respond`.
+    """
+
+    def __init__(self, name: str, rows: pd.DataFrame, schema: S.Schema,
+                 population: pd.DataFrame | None = None,
+                 capacity: int = crypto.DEFAULT_SITE_CAPACITY):
+        if name not in schema.sites:
+            raise ValueError(f"site {name!r} is not in the federation's schema {schema.sites}")
+        missing = [c for c in schema.names if c not in rows.columns]
+        if missing:
+            raise QueryValidationError("rows", f"missing columns {missing}", schema.names)
+        if len(rows) > capacity:
+            raise ValueError(f"site {name!r} holds more patients than its capacity {capacity}")
+        self.name = name
+        self.schema = schema
+        self.capacity = capacity
+        self._rows = rows.reset_index(drop=True)
+        self._codes: dict[str, np.ndarray] = {}
+        self._population = population
+        self._signing_key = crypto.SigningKey()
+        self.verify_key = self._signing_key.public
+        self._enrollment: Enrollment | None = None
+        self._challenges: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"Site({self.name!r}, about {self.rows_rounded} patients)"
+
+    # -- public facts ----------------------------------------------------------------------
+    @property
+    def rows_rounded(self) -> int:
+        """Number of patients rounded to the nearest 100 (for status displays)."""
+        return int(round(len(self._rows), -2))
+
+    @property
+    def population(self) -> pd.DataFrame | None:
+        """Public person-years denominators (not patient data), or None."""
+        return None if self._population is None else self._population.copy()
+
+    def enroll(self, enrollment: Enrollment) -> None:
+        """Trust this attestation platform and approve this enclave measurement."""
+        self._enrollment = enrollment
+
+    def challenge(self) -> str:
+        """A fresh nonce the enclave's quote must answer before this site encrypts anything."""
+        nonce = crypto.new_nonce()
+        self._challenges.add(nonce)
+        return nonce
+
+    # -- the one way out -------------------------------------------------------------------
+    def respond(self, request: AggregateRequest) -> crypto.EncryptedAggregate:
+        """Verify the quote, run the spec on this site's rows, pack, encrypt and sign.
+
+        Raises :class:`AttestationError` before touching any data when the enclave is not
+        the approved one, and :class:`QueryValidationError` for a spec this site rejects.
+        """
+        if self._enrollment is None:
+            raise AttestationError(f"site {self.name!r} is not enrolled with any enclave")
+        nonce = request.quote.nonce
+        if nonce not in self._challenges:
+            raise AttestationError("the quote answers no challenge this site issued")
+        self._challenges.discard(nonce)  # one use only
+        crypto.verify_quote(request.quote, platform_key=self._enrollment.platform_key,
+                            approved_measurement=self._enrollment.approved_measurement,
+                            nonce=nonce, public_key=request.public_key)
+        spec = spec_from_dict(request.spec.to_dict()).validate(self.schema)
+        layout = spec.layout(self.schema)
+        packing = request.packing
+        if packing.n_cells != layout.size:
+            raise QueryValidationError("packing", "does not match the query's layout")
+        values = self._aggregate(spec)
+        plaintexts = packing.pack(values.tolist())
+        ciphertexts = crypto.encrypt(request.public_key, plaintexts)
+        aggregate = crypto.EncryptedAggregate(
+            self.name, spec.hash, nonce, crypto.key_fingerprint(request.public_key), packing,
+            tuple(ciphertexts))
+        return aggregate.signed(self._signing_key)
+
+    def respond_json(self, request_json: str) -> str:
+        """:meth:`respond` on the JSON wire form (the entry point inside a site kernel)."""
+        return self.respond(AggregateRequest.from_json(request_json)).to_json()
+
+    # -- computation (private: per-site plaintext) ------------------------------------------
+    def _aggregate(self, spec: QuerySpec) -> np.ndarray:
+        """The integer aggregate vector of ``spec`` on this site's rows, in layout order."""
+        layout = spec.layout(self.schema)
+        mask = self._mask(spec.where)
+        parts = []
+        for block in layout.blocks:
+            fn = BLOCK_FUNCTIONS.get(block.name, _count_or_sum)
+            part = np.asarray(fn(self, block, mask), dtype=np.int64)
+            if part.shape != (block.size,):
+                raise AssertionError(f"block {block.name} has {part.shape}, not {block.size}")
+            parts.append(part)
+        return np.concatenate(parts)
+
+    def _column_codes(self, name: str) -> np.ndarray:
+        """Integer codes of a categorical or boolean column in schema order (cached)."""
+        if name not in self._codes:
+            var = self.schema[name]
+            col = self._rows[name]
+            if var.kind is S.Kind.BOOLEAN:
+                codes = col.to_numpy(dtype=bool).astype(np.int64)
+            else:
+                codes = pd.Categorical(col, categories=var.categories).codes.astype(np.int64)
+                if (codes < 0).any():
+                    raise QueryValidationError(name, "holds values outside the schema",
+                                               var.categories)
+            self._codes[name] = codes
+        return self._codes[name]
+
+    def _dim_codes(self, dim: Dim) -> np.ndarray:
+        if dim.coding == "bins":
+            x = self._rows[dim.name].to_numpy(dtype=np.int64)
+            return np.searchsorted(np.asarray(dim.edges), x, side="right") - 1
+        return self._column_codes(dim.name)
+
+    def _cell_index(self, dims: tuple[Dim, ...]) -> np.ndarray:
+        if not dims:
+            return np.zeros(len(self._rows), dtype=np.int64)
+        codes = [self._dim_codes(d) for d in dims]
+        return np.ravel_multi_index(codes, tuple(d.size for d in dims))
+
+    def _mask(self, where: Mapping[str, tuple[Any, ...]]) -> np.ndarray:
+        mask = np.ones(len(self._rows), dtype=bool)
+        for name, values in where.items():
+            var = self.schema[name]
+            if var.kind is S.Kind.INTEGER:
+                x = self._rows[name].to_numpy(dtype=np.int64)
+                mask &= (x >= values[0]) & (x <= values[1])
+            else:
+                wanted = [var.values.index(v) for v in values if v in var.values]
+                mask &= np.isin(self._column_codes(name), wanted)
+        return mask
+
+    def _summand(self, block: Block) -> np.ndarray:
+        assert block.summand is not None
+        var = self.schema[block.summand]
+        x = self._rows[block.summand].to_numpy()
+        lo, hi = var.clip if var.clip is not None else (0, 1)
+        return np.clip(x.astype(np.int64), lo, hi) - block.offset
+
+
+def _count_or_sum(site: Site, block: Block, mask: np.ndarray) -> np.ndarray:
+    """Counts (or clipped sums) of the masked rows in every cell of the block: one pass."""
+    idx = site._cell_index(block.dims)[mask]
+    if block.summand is None:
+        return np.bincount(idx, minlength=block.size)
+    weights = site._summand(block)[mask].astype(np.float64)  # exact: integers below 2**53
+    return np.rint(np.bincount(idx, weights=weights, minlength=block.size)).astype(np.int64)
+
+
+#: Block computations by block name; query kinds with special blocks register here.
+BLOCK_FUNCTIONS: dict[str, BlockFunction] = {}

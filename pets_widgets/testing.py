@@ -1,0 +1,125 @@
+"""Test-only doors: exact totals, pooled rows and a seeded noise sampler.
+
+Nothing in pets_widgets imports this module, the widgets cannot reach it, and it is the
+only way to get noiseless totals or patient rows out of a federation. It exists so every
+statistical output has an oracle: with noise off, a federated result must equal the same
+computation on the pooled rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator, Sequence
+from fractions import Fraction
+
+import numpy as np
+import pandas as pd
+
+from pets_widgets import crypto
+from pets_widgets.federation import Federation, LocalSite
+from pets_widgets.privacy import NoiseMechanism
+from pets_widgets.query import QuerySpec
+from pets_widgets.release import Release
+from pets_widgets.site import AggregateRequest
+
+
+def noiseless(fed: Federation, spec: QuerySpec) -> Release:
+    """A Release from exact totals: the full encrypted pipeline, with no noise, no
+    suppression and no budget (an audit row records the test use)."""
+    enclave = fed.enclave
+    admission = enclave._admit_exact(spec, "pets_widgets.testing", fed.site_names)
+    aggregates = []
+    for site in fed._sites:
+        quote = enclave.issue_nonce(admission, site.name, site.challenge())
+        aggregates.append(site.respond(
+            AggregateRequest(spec, quote, enclave.public_key, admission.packing)))
+    summed = crypto.add_encrypted(enclave.public_key, [a.ciphertexts for a in aggregates])
+    return enclave._release_exact(admission, aggregates, summed)
+
+
+def pooled_rows(fed: Federation) -> pd.DataFrame:
+    """All sites' patient rows in one DataFrame (the test oracle's input)."""
+    frames = []
+    for site in fed._sites:
+        rows = site._site._rows if isinstance(site, LocalSite) else site._test_rows()
+        frames.append(rows)
+    pooled = pd.concat(frames, ignore_index=True)
+    for name in fed.schema.names:
+        var = fed.schema[name]
+        if var.is_categorical and var.kind.value == "categorical":
+            pooled[name] = pd.Categorical(pooled[name].astype(str), categories=var.categories)
+    return pooled
+
+
+def _bernoulli(p: Fraction, rng: random.Random) -> bool:
+    return rng.randrange(p.denominator) < p.numerator
+
+
+def _bernoulli_exp_le1(gamma: Fraction, rng: random.Random) -> bool:
+    k = 1
+    while _bernoulli(gamma / k, rng):
+        k += 1
+    return k % 2 == 1
+
+
+def _bernoulli_exp(gamma: Fraction, rng: random.Random) -> bool:
+    while gamma > 1:
+        if not _bernoulli_exp_le1(Fraction(1), rng):
+            return False
+        gamma -= 1
+    return _bernoulli_exp_le1(gamma, rng)
+
+
+def discrete_laplace(scale: Fraction, rng: random.Random) -> int:
+    """One exact draw with P(y) proportional to exp(-|y|/scale): Canonne, Kamath and Steinke
+    (2020), Algorithms 1 and 2, in rational arithmetic."""
+    scale = Fraction(scale)
+    t, s = scale.numerator, scale.denominator
+    while True:
+        u = rng.randrange(t)
+        if not _bernoulli_exp(Fraction(u, t), rng):
+            continue
+        v = 0
+        while _bernoulli_exp(Fraction(1), rng):
+            v += 1
+        y = (u + t * v) // s
+        b = rng.randrange(2)
+        if b == 1 and y == 0:
+            continue
+        return -y if b else y
+
+
+class SeededDiscreteLaplace:
+    """The exact CKS sampler driven by ``random.Random(seed)``: reproducible, for tests only."""
+
+    def __init__(self, seed: int):
+        self._rng = random.Random(seed)
+        self.name = f"discrete Laplace (CKS 2020, exact; SEEDED TEST SAMPLER, seed {seed})"
+
+    def sample(self, values: Sequence[int], scale: Fraction) -> list[int]:
+        return [int(v) + discrete_laplace(Fraction(scale), self._rng) for v in values]
+
+
+def seeded_sampler(seed: int) -> SeededDiscreteLaplace:
+    """A reproducible exact discrete Laplace sampler to inject with :func:`use_mechanism`."""
+    return SeededDiscreteLaplace(seed)
+
+
+@contextlib.contextmanager
+def use_mechanism(fed: Federation, mechanism: NoiseMechanism) -> Iterator[Federation]:
+    """Run ``fed``'s enclave with another noise mechanism inside the ``with`` block."""
+    enclave = fed.enclave
+    old = enclave._mechanism
+    enclave._mechanism = mechanism
+    try:
+        yield fed
+    finally:
+        enclave._mechanism = old
+
+
+def pandas_counts(rows: pd.DataFrame, by: Sequence[str]) -> np.ndarray:
+    """Counts of ``rows`` in every combination of ``by`` (all categories, zeros included)."""
+    if not by:
+        return np.array([len(rows)])
+    return rows.groupby(list(by), observed=False).size().to_numpy()

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One entry point for people and CI. Sets up everything it needs (idempotent; a second run
+# takes a second or two), then runs one job:
+#   bash scripts/dev.sh demo        print a released crosstab with its parameter card
+#   bash scripts/dev.sh test [ARGS] run the whole test suite (extra ARGS go to pytest)
+#   bash scripts/dev.sh lint        ruff
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_install() {
+  # Debian packages (never `playwright install`: browsers come from Debian).
+  as_root apt-get update -q >/dev/null
+  as_root apt-get install -y -q "$@" >/dev/null
+}
+
+setup_python() {
+  python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+    { echo "pets_widgets needs Python 3.11 or newer" >&2; exit 1; }
+  python3 -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv
+  local stamp
+  stamp=".venv/.setup-$(cat pyproject.toml scripts/constraints.txt | sha256sum | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    .venv/bin/python -m pip install -q -U pip 2>&1 | grep -v "^WARNING: Location" || true
+    .venv/bin/python -m pip install -q -c scripts/constraints.txt -e '.[test]' 2>&1 |
+      grep -v "^WARNING: Location" || true
+    .venv/bin/python -c "import pets_widgets, phe.util; assert phe.util.HAVE_GMP"
+    rm -f .venv/.setup-*
+    touch "$stamp"
+  fi
+}
+
+setup_chromium() {
+  command -v chromium >/dev/null 2>&1 || apt_install chromium
+}
+
+job=${1:-demo}
+shift || true
+case "$job" in
+  demo)
+    setup_python
+    exec .venv/bin/python -m pets_widgets demo "$@" ;;
+  test)
+    setup_python
+    setup_chromium
+    # Never export MPLBACKEND=Agg: figures would vanish from kernels, Voila and nbval.
+    unset MPLBACKEND
+    exec .venv/bin/python -m pytest "$@" ;;
+  lint)
+    setup_python
+    exec .venv/bin/ruff check pets_widgets tests "$@" ;;
+  *)
+    echo "usage: bash scripts/dev.sh {demo|test|lint} [args]" >&2; exit 2 ;;
+esac

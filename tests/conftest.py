@@ -1,0 +1,47 @@
+"""Shared fixtures: federations are built once per session, with small sites and, where a test
+is about logic rather than key size, 1024-bit keys (one end-to-end test keeps 2048 bits)."""
+
+from __future__ import annotations
+
+import pytest
+
+import pets_widgets as pw
+
+SMALL_ROWS = 3_000
+TEST_KEY_BITS = 1024
+
+
+def make_fed(tmp_path_factory: pytest.TempPathFactory, name: str,
+             **kwargs: object) -> pw.Federation:
+    ledger = tmp_path_factory.mktemp(name) / "ledger.sqlite"
+    kwargs.setdefault("key_bits", TEST_KEY_BITS)
+    kwargs.setdefault("rows_per_site", SMALL_ROWS)
+    return pw.demo_federation(ledger=ledger, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def fed2(tmp_path_factory: pytest.TempPathFactory) -> pw.Federation:
+    """Two small sites (NDRS, NCI), 1024-bit key; use for exact (noiseless) tests."""
+    return make_fed(tmp_path_factory, "fed2", seed=7)
+
+
+@pytest.fixture(scope="session")
+def fed5(tmp_path_factory: pytest.TempPathFactory) -> pw.Federation:
+    """Five small sites, 1024-bit key."""
+    return make_fed(tmp_path_factory, "fed5", seed=11, n_sites=5, rows_per_site=1_500)
+
+
+@pytest.fixture(scope="session")
+def pooled2(fed2: pw.Federation):
+    return pw.testing.pooled_rows(fed2)
+
+
+@pytest.fixture(scope="session")
+def pooled5(fed5: pw.Federation):
+    return pw.testing.pooled_rows(fed5)
+
+
+@pytest.fixture
+def fresh_fed(tmp_path_factory: pytest.TempPathFactory) -> pw.Federation:
+    """A federation with its own new ledger, for tests that spend budget."""
+    return make_fed(tmp_path_factory, "fresh", seed=3)

@@ -1,0 +1,189 @@
+"""Tampering and attestation: each attack raises its own error and releases nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import pets_widgets as pw
+from pets_widgets import crypto
+from pets_widgets.enclave import Enclave, expected_measurement
+from pets_widgets.federation import Federation, LocalSite
+from pets_widgets.site import Enrollment
+
+SPEC = pw.Count(by=["tumour_group"])
+
+
+class Tamper:
+    """Wraps a site backend and rewrites its replies."""
+
+    def __init__(self, inner: LocalSite, rewrite):
+        self._inner, self._rewrite = inner, rewrite
+        self.name, self.backend, self.verify_key = inner.name, "local", inner.verify_key
+
+    def challenge(self):
+        return self._inner.challenge()
+
+    def respond(self, request):
+        return self._rewrite(self._inner.respond(request), request)
+
+
+def with_site0(fed: pw.Federation, rewrite) -> Federation:
+    sites = list(fed._sites)
+    sites[0] = Tamper(sites[0], rewrite)
+    return Federation(sites, fed.enclave)
+
+
+def assert_nothing_released(fed: pw.Federation, before_rows: int) -> None:
+    log = fed.audit_log()
+    assert len(log) == before_rows + 1
+    assert log.iloc[-1].outcome == "failed"
+    assert fed.budget().analyst_spent == 0
+
+
+@pytest.mark.parametrize("rewrite", [
+    # flip a ciphertext: the signature no longer verifies
+    lambda agg, req: dataclasses.replace(agg, ciphertexts=(agg.ciphertexts[0] ^ 2,
+                                                           *agg.ciphertexts[1:])),
+    # claim another spec
+    lambda agg, req: dataclasses.replace(agg, spec_hash=pw.Count().hash),
+    # sign garbage with another key
+    lambda agg, req: dataclasses.replace(agg, spec_hash="0" * 64).signed(crypto.SigningKey()),
+    # replay: answer with an aggregate for another nonce
+    lambda agg, req: dataclasses.replace(agg, nonce=crypto.new_nonce()),
+], ids=["tampered-ciphertext", "wrong-spec-hash", "bad-signature", "replayed-nonce"])
+def test_tampered_aggregates_raise_integrity_error(fresh_fed, rewrite):
+    before = len(fresh_fed.audit_log())
+    fed = with_site0(fresh_fed, rewrite)
+    with pytest.raises(pw.IntegrityError) as info:
+        fed.run(SPEC)
+    assert isinstance(info.value, pw.SiteError) and info.value.site == "NDRS"
+    assert_nothing_released(fresh_fed, before)
+
+
+def test_correctly_signed_foreign_key_aggregate_is_refused(fresh_fed):
+    """A site that encrypts to some other key (and signs it honestly) is caught by the
+    fingerprint check before anything is decrypted."""
+    other_pk, _ = crypto.generate_paillier_keypair(1024)
+    site = fresh_fed._sites[0]._site
+
+    def rewrite(agg, req):
+        cts = tuple(crypto.encrypt(other_pk, [1] * len(agg.ciphertexts)))
+        forged = dataclasses.replace(agg, ciphertexts=cts,
+                                     key_fingerprint=crypto.key_fingerprint(other_pk))
+        return forged.signed(site._signing_key)
+
+    before = len(fresh_fed.audit_log())
+    with pytest.raises(pw.IntegrityError, match="another enclave key"):
+        with_site0(fresh_fed, rewrite).run(SPEC)
+    assert_nothing_released(fresh_fed, before)
+
+
+def test_tampered_homomorphic_sum_is_caught(fresh_fed, monkeypatch):
+    before = len(fresh_fed.audit_log())
+    real = pw.federation.aggregate
+
+    def evil(pk, aggregates):
+        total = real(pk, aggregates)
+        return [total[0] * 2 % pk.nsquare, *total[1:]]
+
+    monkeypatch.setattr("pets_widgets.federation.aggregate", evil)
+    with pytest.raises(pw.IntegrityError, match="aggregator"):
+        fresh_fed.run(SPEC)
+    assert_nothing_released(fresh_fed, before)
+
+
+def test_sites_refuse_an_enclave_whose_policy_was_loosened(fresh_fed):
+    schema = fresh_fed.schema
+    loosened = Enclave(schema, fresh_fed.ledger, pw.Policy(k=1), key_bits=1024)
+    approved = expected_measurement(pw.Policy())
+    assert loosened.measurement != approved
+    sites = []
+    for s in fresh_fed._sites:
+        s._site.enroll(Enrollment(loosened.platform_key, approved))
+        sites.append(s)
+    before = len(fresh_fed.audit_log())
+    with pytest.raises(pw.AttestationError, match="measurement") as info:
+        Federation(sites, loosened).run(SPEC)
+    assert info.value.site == "NDRS"
+    log = fresh_fed.audit_log()
+    assert len(log) == before + 1 and log.iloc[-1].outcome == "failed"
+
+
+def test_sites_refuse_a_quote_not_signed_by_the_platform(fresh_fed):
+    impostor = crypto.SigningKey()
+    enclave = fresh_fed.enclave
+    real_quote = enclave.quote
+
+    def forged(nonce):
+        q = dataclasses.replace(real_quote(nonce), signature=b"")
+        return dataclasses.replace(q, signature=impostor.sign(q.body()))
+
+    enclave.quote = forged  # type: ignore[method-assign]
+    try:
+        with pytest.raises(pw.AttestationError, match="signature"):
+            fresh_fed.run(SPEC)
+    finally:
+        del enclave.quote
+    assert fresh_fed.budget().analyst_spent == 0
+
+
+def test_sites_refuse_a_stale_quote(fresh_fed):
+    site = fresh_fed._sites[0]._site
+    enclave = fresh_fed.enclave
+    admission = enclave._admit_exact(SPEC, "t", fresh_fed.site_names)
+    old_nonce = site.challenge()
+    quote = enclave.quote(old_nonce)
+    request = pw.site.AggregateRequest(SPEC, quote, enclave.public_key, admission.packing)
+    site.respond(request)  # the first use is fine
+    with pytest.raises(pw.AttestationError, match="challenge"):
+        site.respond(request)  # a replayed quote is not
+
+
+def test_sites_refuse_a_key_the_quote_does_not_name(fresh_fed):
+    site = fresh_fed._sites[0]._site
+    enclave = fresh_fed.enclave
+    admission = enclave._admit_exact(SPEC, "t", fresh_fed.site_names)
+    other_pk, _ = crypto.generate_paillier_keypair(1024)
+    quote = enclave.quote(site.challenge())
+    with pytest.raises(pw.AttestationError, match="key"):
+        site.respond(pw.site.AggregateRequest(SPEC, quote, other_pk, admission.packing))
+
+
+def test_packing_overflow_is_impossible_and_checked():
+    packing = crypto.Packing.for_layout(n_cells=100, max_contribution=14, n_sites=10,
+                                        key_bits=1024, site_capacity=1000)
+    assert packing.slot_bits == (10 * 14 * 1000).bit_length()
+    with pytest.raises(pw.errors.PackingError):
+        packing.pack([14 * 1000 + 1] + [0] * 99)
+    with pytest.raises(pw.errors.PackingError):
+        packing.pack([-1] + [0] * 99)
+    # the largest sum over all sites still fits its slot
+    full = [packing.cell_bound] * 100
+    summed = [sum(v) for v in zip(*[packing.pack(full)] * 10, strict=True)]
+    assert packing.unpack(summed) == [10 * packing.cell_bound] * 100
+
+
+@pytest.mark.parametrize("values", [[0], [1, 2, 3], list(range(500))])
+def test_pack_encrypt_sum_decrypt_round_trip(values):
+    pk, sk = crypto.generate_paillier_keypair(1024)
+    packing = crypto.Packing.for_layout(len(values), 1, 3, 1024, site_capacity=1000)
+    enc = [crypto.encrypt(pk, packing.pack(values)) for _ in range(3)]
+    total = crypto.decrypt(sk, crypto.add_encrypted(pk, enc))
+    assert packing.unpack(total) == [3 * v for v in values]
+    assert packing.n_ciphertexts == len(enc[0])
+
+
+def test_aggregate_wire_form_round_trips_and_rejects_garbage(fed2):
+    enclave = fed2.enclave
+    site = fed2._sites[1]._site
+    admission = enclave._admit_exact(SPEC, "t", fed2.site_names)
+    quote = enclave.quote(site.challenge())
+    agg = site.respond(pw.site.AggregateRequest(SPEC, quote, enclave.public_key,
+                                                admission.packing))
+    assert crypto.EncryptedAggregate.from_json(agg.to_json()) == agg
+    with pytest.raises(pw.IntegrityError):
+        crypto.EncryptedAggregate.from_json('{"site": "NCI"}')
+    with pytest.raises(pw.IntegrityError):
+        crypto.EncryptedAggregate.from_json("garbage")
