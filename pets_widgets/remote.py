@@ -135,7 +135,7 @@ class RemoteSite:
             _LIVE.add(self)
             t0 = time.monotonic()
             try:
-                self._launch(self.start_timeout)
+                self._launch_named()
                 info = self._call("start", self._start_args, self.start_timeout)
             except BaseException:
                 self._stop_quietly()
@@ -256,12 +256,13 @@ class RemoteSite:
         cause = self.cause
         self._stop_quietly()
         try:
-            self._launch(self.start_timeout)
+            self._launch_named()
             info = self._call("start", self._start_args, self.start_timeout)
-        except (PetsError, OSError) as exc:
+        except PetsError as exc:
             self._mark_down(f"{cause}; restart failed")
+            why = exc.cause if isinstance(exc, SiteError) else str(exc)
             raise SiteError(self.name, f"is down ({cause}) and could not be restarted: "
-                                       f"{exc}") from None
+                                       f"{why}") from None
         if info.get("verify_key") != self.verify_key.to_bytes().hex():
             self._mark_down(f"{cause}; after a restart it signs with another key")
             raise SiteError(self.name, "was restarted but signs with another key than the one "
@@ -269,6 +270,21 @@ class RemoteSite:
         self.state, self.cause = "up", ""
         self.restarts += 1
         self.kernel_info.update(pid=info.get("pid"))
+
+    def _launch_named(self) -> None:
+        """Launch the kernel; any failure becomes a SiteError naming the site and why."""
+        try:
+            self._launch(self.start_timeout)
+        except PetsError:
+            raise
+        except (TransportError, KernelDied, KernelFailed) as exc:
+            raise SiteError(self.name, f"its kernel could not be started: {exc}") from None
+        except KernelTimeout:
+            raise SiteError(self.name, f"its kernel did not start within "
+                                       f"{self.start_timeout:g} s") from None
+        except Exception as exc:
+            raise SiteError(self.name, f"its kernel could not be started "
+                                       f"({type(exc).__name__}: {exc})") from None
 
     def _stop_quietly(self) -> None:
         with contextlib.suppress(Exception):
