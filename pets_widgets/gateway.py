@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import socket
 import time
 import urllib.error
@@ -236,11 +237,36 @@ class GatewaySite(RemoteSite):
         return idle and replied
 
     def _alive(self) -> bool:
+        """The gateway still has the kernel, and did not restart it under us (a restarted
+        kernel is alive but has lost its site: it must be started again)."""
         if self.kernel_id is None:
             return False
+        if self._lock.acquire(blocking=False):  # only one thread reads the websocket
+            try:
+                if self._restarted_while_idle():
+                    return False
+            finally:
+                self._lock.release()
         status, model = self._http("GET", f"api/kernels/{self.kernel_id}", timeout=5.0)
         return status == 200 and isinstance(model, dict) and \
             model.get("execution_state") not in ("dead", "restarting")
+
+    def _restarted_while_idle(self) -> bool:
+        """Read what arrived between calls; True when it says the kernel was restarted."""
+        if self._ws is None or self._ws.sock is None:
+            return False
+        restarted = False
+        while select.select([self._ws.sock], [], [], 0)[0]:
+            try:
+                message = self._receive(POLL)
+            except TransportError:
+                return True
+            if message is None:
+                break
+            if message.get("msg_type") == "status" and message.get("content", {}).get(
+                    "execution_state") in ("restarting", "dead"):
+                restarted = True
+        return restarted
 
     def _shutdown(self) -> None:
         ws, self._ws = self._ws, None

@@ -14,7 +14,6 @@ import atexit
 import contextlib
 import threading
 import time
-import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
@@ -63,12 +62,16 @@ class KernelFailed(Exception):
     """The fixed call raised outside the site entry point (e.g. pets_widgets not importable)."""
 
 
-#: Every remote site not yet closed, stopped at interpreter exit.
-_LIVE: weakref.WeakSet[RemoteSite] = weakref.WeakSet()
+#: Every remote site started and not yet closed (strong references: a kernel is a process
+#: that must be stopped even when its Federation was dropped unclosed), stopped at exit.
+_LIVE: set[RemoteSite] = set()
+_LIVE_LOCK = threading.Lock()
 
 
 def _close_all_at_exit() -> None:
-    close_sites(list(_LIVE))
+    with _LIVE_LOCK:
+        sites = list(_LIVE)
+    close_sites(sites)
 
 
 atexit.register(_close_all_at_exit)
@@ -132,7 +135,8 @@ class RemoteSite:
         with self._lock:
             if self.state == "closed":
                 raise SiteError(self.name, "is closed")
-            _LIVE.add(self)
+            with _LIVE_LOCK:
+                _LIVE.add(self)
             t0 = time.monotonic()
             try:
                 self._launch_named()
@@ -190,7 +194,8 @@ class RemoteSite:
                 return
             self._stop_quietly()
             self.state = "closed"
-            _LIVE.discard(self)
+            with _LIVE_LOCK:
+                _LIVE.discard(self)
 
     def __enter__(self) -> RemoteSite:
         return self.start() if self.state == "new" else self
@@ -249,8 +254,15 @@ class RemoteSite:
             self.state, self.cause = "down", cause
 
     def _ensure_up(self) -> None:
+        """Before a query: a kernel found dead (even one that died while idle) is restarted."""
         if self.state == "up":
-            return
+            try:
+                alive = self._alive()
+            except Exception:
+                alive = False
+            if alive:
+                return
+            self._mark_down("its kernel had stopped")
         if self.state != "down":
             raise SiteError(self.name, f"is {self.state}: start it first")
         cause = self.cause
@@ -319,14 +331,23 @@ def start_sites(sites: Sequence[RemoteSite]) -> None:
 
 
 def close_sites(sites: Sequence[Any]) -> None:
-    """Close sites in parallel (a graceful kernel shutdown takes a few tenths of a second)."""
+    """Close sites in parallel (a graceful kernel shutdown takes a few tenths of a second).
+
+    Plain threads rather than an executor: this also runs at interpreter exit, when
+    ``concurrent.futures`` no longer accepts work.
+    """
     closers = [c for s in sites if (c := getattr(s, "close", None)) is not None]
     if len(closers) <= 1:
         for closer in closers:
             closer()
         return
-    with ThreadPoolExecutor(max_workers=len(closers), thread_name_prefix="pets-stop") as pool:
-        for future in [pool.submit(c) for c in closers]:
-            with contextlib.suppress(Exception):
-                future.result()
 
+    def quietly(closer: Any) -> None:
+        with contextlib.suppress(Exception):
+            closer()
+
+    threads = [threading.Thread(target=quietly, args=(c,), name="pets-stop") for c in closers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30.0)

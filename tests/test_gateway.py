@@ -7,6 +7,8 @@ The same configuration as a kernel federation, with ``backend = "gateway"``, ``u
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -104,3 +106,24 @@ def test_an_unreachable_gateway_is_named(tmp_path, monkeypatch):
     with pytest.raises(pw.SiteError, match="cannot be reached") as info:
         pw.Federation.from_config(path, key_bits=TEST_KEY_BITS, ledger=tmp_path / "l.sqlite")
     assert info.value.site == "NDRS"
+
+
+def test_a_gateway_kernel_killed_while_idle_is_restarted_with_the_same_key(gateway, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setenv("PETS_TEST_KG_TOKEN", gateway.token)
+    path = tmp_path / "one.toml"
+    path.write_text(
+        f'[[sites]]\nname = "A"\nbackend = "gateway"\nurl = "{gateway.url}"\n'
+        f'token_env = "PETS_TEST_KG_TOKEN"\nkey_file = "{tmp_path / "a-key.pem"}"\n'
+        'source = { kind = "synthetic", seed = 1, size = 300 }\n')
+    with pw.Federation.from_config(path, key_bits=TEST_KEY_BITS,
+                                   ledger=tmp_path / "l.sqlite") as fed:
+        site = fed._sites[0]
+        key, pid = site.verify_key, site.kernel_info["pid"]
+        before = pw.testing.noiseless(fed, pw.Count(by=["sex"])).table
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(1.5)  # the gateway notices and restarts the kernel, which loses its site
+        after = pw.testing.noiseless(fed, pw.Count(by=["sex"])).table
+        pd.testing.assert_frame_equal(before, after)
+        assert site.restarts == 1 and site.kernel_info["pid"] != pid
+        assert site.verify_key == key and fed.status().loc["A", "alive"]

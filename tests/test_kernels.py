@@ -198,6 +198,15 @@ def test_a_kernel_killed_mid_query_is_named_and_restarted_next_query(kfed2):
     assert site.verify_key == key  # the restarted kernel signs with the registered key
 
 
+def test_a_kernel_that_died_while_idle_is_restarted_before_the_next_query(kfed2):
+    site = kfed2._sites[0]
+    old_pid, restarts = site.pid, site.restarts
+    os.kill(old_pid, signal.SIGKILL)
+    time.sleep(0.3)
+    next_query_succeeds(kfed2)  # no failed query: the dead kernel is noticed and replaced
+    assert site.pid != old_pid and site.restarts == restarts + 1
+
+
 def test_a_hanging_site_times_out_is_interrupted_and_stays_usable(kfed2):
     site = kfed2._sites[0]
     pid, site.timeout = site.pid, 2.0
