@@ -361,5 +361,12 @@ class ParameterCard:
                 f"Budget: analyst {self.analyst!r} spent {self.budget_spent:g} in total, "
                 f"{self.budget_left:g} left; federation {self.federation_budget_left:g} left."
             )
+        if self.policy:
+            p = self.policy
+            lines.append(
+                f"Policy (enforced in the enclave): k at least {p.get('k')}, at most epsilon "
+                f"{p.get('max_epsilon')} per release, filters must select at least "
+                f"{p.get('min_subset')} patients, budget {p.get('analyst_budget')} per analyst "
+                f"and {p.get('federation_budget')} for the federation.")
         lines.extend(self.notes)
         return "\n".join(lines)

@@ -387,7 +387,10 @@ class Crosstab(QuerySpec):
         return form
 
     def layout(self, schema: S.Schema) -> Layout:
-        return Layout((Block("count", _count_dims((self.rows, self.cols), schema)),))
+        # Cells in canonical (schema) order, whatever the orientation: the transposed
+        # question must reuse the same stored noisy cells. Builders transpose for display.
+        dims = tuple(n for n in schema.names if n in (self.rows, self.cols))
+        return Layout((Block("count", _count_dims(dims, schema)),))
 
 
 @dataclass(frozen=True)
