@@ -230,26 +230,30 @@ def _rows_where(mask: np.ndarray) -> tuple[int, ...]:
 
 
 def _as_text(col: pd.Series) -> pd.Series:
-    """Cells as stripped text, missing cells as None."""
-    out = col.astype(object).where(col.notna(), None)
-    return out.map(lambda v: None if v is None else str(v).strip())
+    """Cells as stripped text (pandas' string dtype); missing cells stay missing."""
+    return col.astype("string").str.strip()
+
+
+def _empty(text: pd.Series) -> np.ndarray:
+    return (text.isna() | (text == "")).to_numpy(dtype=bool)
 
 
 def _parse_integer(col: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(values, empty mask, not-a-whole-number mask) of an integer column."""
     text = _as_text(col)
-    empty = text.map(lambda v: v is None or v == "").to_numpy(dtype=bool)
-    numbers = pd.to_numeric(text.where(~empty, None), errors="coerce").to_numpy(dtype=float)
+    empty = _empty(text)
+    numbers = pd.to_numeric(text.mask(empty), errors="coerce").to_numpy(dtype=float,
+                                                                        na_value=np.nan)
     bad = ~empty & (~np.isfinite(numbers) | (numbers != np.floor(numbers)))
     values = np.where(empty | bad, 0, numbers).astype(np.int64)
     return values, empty, bad
 
 
 def _parse_boolean(col: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    text = _as_text(col).map(lambda v: v.lower() if v is not None else None)
-    empty = text.map(lambda v: v is None or v == "").to_numpy(dtype=bool)
-    truth = text.isin(TRUE_WORDS).to_numpy(dtype=bool)
-    bad = ~empty & ~truth & ~text.isin(FALSE_WORDS).to_numpy(dtype=bool)
+    text = _as_text(col).str.lower()
+    empty = _empty(text)
+    truth = text.isin(TRUE_WORDS).to_numpy(dtype=bool, na_value=False)
+    bad = ~empty & ~truth & ~text.isin(FALSE_WORDS).to_numpy(dtype=bool, na_value=False)
     return truth, empty, bad
 
 
@@ -284,7 +288,7 @@ def validate_rows(raw: pd.DataFrame, schema: S.Schema, site: str, source: str,
     out: dict[str, Any] = {"site": np.full(len(raw), site, dtype=object)}
     valid: dict[str, np.ndarray] = {}
     if "site" in raw.columns:
-        wrong = (_as_text(raw["site"]) != site).to_numpy(dtype=bool)
+        wrong = (_as_text(raw["site"]) != site).to_numpy(dtype=bool, na_value=True)
         if wrong.any():
             problems.append(DataProblem("site", f"does not name this site ({site!r})",
                                         _rows_where(wrong)))
@@ -308,12 +312,12 @@ def validate_rows(raw: pd.DataFrame, schema: S.Schema, site: str, source: str,
             out[name] = values
         else:
             text = _as_text(raw[name])
-            empty = text.map(lambda v: v is None or v == "").to_numpy(dtype=bool)
-            bad = ~empty & ~text.isin(var.categories).to_numpy(dtype=bool)
+            empty = _empty(text)
+            bad = ~empty & ~text.isin(var.categories).to_numpy(dtype=bool, na_value=False)
             outside = np.zeros(len(raw), dtype=bool)
             allowed = ", ".join(repr(c) for c in var.categories)
             checks = [(empty, "is empty"), (bad, f"is not one of the categories {allowed}")]
-            out[name] = text.to_numpy(dtype=object)
+            out[name] = text.to_numpy(dtype=object, na_value=None)
         for mask, problem in checks:
             if mask.any():
                 problems.append(DataProblem(name, problem, _rows_where(mask)))
@@ -329,24 +333,27 @@ def validate_rows(raw: pd.DataFrame, schema: S.Schema, site: str, source: str,
 def _consistency(out: Mapping[str, Any], valid: Mapping[str, np.ndarray]) -> list[DataProblem]:
     """Derived columns must agree with the columns they are derived from."""
     problems = []
+    bands = np.array([S.age_band_of(a) for a in range(S.MAX_AGE + 1)], dtype=object)
+    years = range(S.FIRST_YEAR, S.LAST_YEAR + 1)
+    periods = np.array([S.period_of(y) for y in years], dtype=object)
     derived = (
-        ("age_band", "age_at_diagnosis", S.age_band_of, "does not match age_at_diagnosis"),
-        ("diagnosis_period", "diagnosis_year", S.period_of, "does not match diagnosis_year"),
+        ("age_band", "age_at_diagnosis", lambda v: bands[np.clip(v, 0, S.MAX_AGE)],
+         "does not match age_at_diagnosis"),
+        ("diagnosis_period", "diagnosis_year",
+         lambda v: periods[np.clip(v - S.FIRST_YEAR, 0, len(periods) - 1)],
+         "does not match diagnosis_year"),
     )
     for name, source, rule, problem in derived:
         if name in valid and source in valid:
             both = valid[name] & valid[source]
-            want = np.array([rule(int(v)) if ok else "" for v, ok in zip(out[source], both,
-                                                                        strict=True)])
-            wrong = both & (np.asarray(out[name], dtype=object) != want)
+            wrong = both & (np.asarray(out[name], dtype=object) != rule(out[source]))
             if wrong.any():
                 problems.append(DataProblem(name, problem, _rows_where(wrong)))
     if "subtype" in valid and "tumour_group" in valid:
         both = valid["subtype"] & valid["tumour_group"]
-        group_of = {k: g for k, (_, g) in S.SUBTYPES.items()}
-        wrong = np.array([ok and group_of[s] not in ("", g) for s, g, ok in
-                          zip(out["subtype"], out["tumour_group"], both, strict=True)],
-                         dtype=bool)
+        group_of = pd.Series({k: g for k, (_, g) in S.SUBTYPES.items()})
+        owner = group_of.reindex(out["subtype"]).to_numpy(dtype=object)
+        wrong = both & (owner != "") & (owner != np.asarray(out["tumour_group"], dtype=object))
         if wrong.any():
             problems.append(DataProblem("subtype", "belongs to another tumour_group",
                                         _rows_where(wrong)))

@@ -51,6 +51,8 @@ def bad_csv() -> str:
     rows["age_band"] = rows["age_band"].astype(object)
     rows.loc[9, ["age_at_diagnosis", "age_band"]] = [3, "10-14"]  # row 10: inconsistent
     rows.loc[11, "site"] = "ELSEWHERE"
+    rows["subtype"] = rows["subtype"].astype(object)
+    rows.loc[20, ["tumour_group", "subtype"]] = ["Leukaemia", "DIPG"]  # row 21: DIPG is CNS
     return rows.to_csv(index=False)
 
 
@@ -72,6 +74,8 @@ def test_every_bad_column_and_value_is_reported_with_row_numbers_never_echoed():
     assert [p.rows for p in by_column["diagnosis_year"]] == [(6,)]
     assert [p.rows for p in by_column["age_band"]] == [(10,)]
     assert [p.rows for p in by_column["site"]] == [(12,)]
+    assert [(p.rows, p.problem) for p in by_column["subtype"]] == [
+        ((21,), "belongs to another tumour_group")]
     assert "allowed range 0-14" in str(exc) and "'F', 'M'" in str(exc)
     text = str(exc) + repr(exc.problems)
     for value in [*SENTINELS.values(), "ELSEWHERE"]:
