@@ -84,8 +84,9 @@ class _Loop:
 class KernelSite(RemoteSite):
     """A site in a local ipykernel process, reached over CurveZMQ-encrypted ZeroMQ.
 
-    Without ``key_file`` the site's signing key lives in a private temporary directory
-    (mode 0700) that exists while this object does: a restarted kernel reads it back.
+    Its connection files and, without ``key_file``, the site's signing key live in a private
+    temporary directory (mode 0700) that exists while this object does: a restarted kernel
+    reads the key back, and no kernel secret is written under $HOME.
     """
 
     backend = "kernel"
@@ -95,10 +96,12 @@ class KernelSite(RemoteSite):
                  timeout: float = DEFAULT_TIMEOUT, start_timeout: float = DEFAULT_START_TIMEOUT,
                  key_file: str | None = None, kernel_name: str = "python3",
                  transport_encryption: str = "required"):
-        self._key_dir: str | None = None
+        # A private folder (mode 0700) for the kernel's connection files, which hold its
+        # CurveZMQ and message-signing secrets, and by default for the site's signing key.
+        self._dir: str | None = tempfile.mkdtemp(prefix=f"pets-site-{_safe(name)}-")
+        self._launches = 0
         if key_file is None:
-            self._key_dir = tempfile.mkdtemp(prefix=f"pets-site-{_safe(name)}-")
-            key_file = str(Path(self._key_dir) / "signing-key.pem")
+            key_file = str(Path(self._dir) / "signing-key.pem")
         super().__init__(name, source, sites=sites, enrollment=enrollment, capacity=capacity,
                          timeout=timeout, start_timeout=start_timeout, key_file=key_file)
         self.kernel_name = kernel_name
@@ -114,9 +117,9 @@ class KernelSite(RemoteSite):
 
     def close(self) -> None:
         super().close()
-        if self._key_dir is not None:
-            shutil.rmtree(self._key_dir, ignore_errors=True)
-            self._key_dir = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
 
     # -- transport -------------------------------------------------------------------------------
     def _launch(self, timeout: float) -> None:
@@ -125,8 +128,13 @@ class KernelSite(RemoteSite):
     async def _astart(self, timeout: float) -> None:
         from jupyter_client.manager import AsyncKernelManager
 
+        if self._dir is None:
+            raise TransportError("the site is closed")
+        self._launches += 1
         km = AsyncKernelManager(kernel_name=self.kernel_name,
-                                transport_encryption=self.transport_encryption)
+                                transport_encryption=self.transport_encryption,
+                                connection_file=str(Path(self._dir) /
+                                                    f"kernel-{self._launches}.json"))
         self._km = km
         try:
             await km.start_kernel(extra_arguments=list(KERNEL_ARGUMENTS))
