@@ -29,7 +29,16 @@ from pets_widgets.errors import (
 )
 from pets_widgets.federation import Federation, demo_federation
 from pets_widgets.privacy import ParameterCard, Policy
-from pets_widgets.query import Count, Crosstab, Histogram, Mean, QuerySpec, spec_from_json
+from pets_widgets.query import (
+    Count,
+    Crosstab,
+    Histogram,
+    IncidenceRate,
+    Mean,
+    QuerySpec,
+    Survival,
+    spec_from_json,
+)
 from pets_widgets.release import Release
 from pets_widgets.schema import Schema, default_schema
 
@@ -37,15 +46,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttestationError", "BudgetExceeded", "Count", "Crosstab", "Enclave", "Federation",
-    "Histogram", "IntegrityError", "Ledger", "Mean", "ParameterCard", "PetsError", "Policy",
-    "QueryRefused", "QuerySpec", "QueryValidationError", "Release", "Schema", "SiteError",
-    "default_schema", "demo_federation", "spec_from_json",
+    "Histogram", "IncidenceRate", "IntegrityError", "Ledger", "Mean", "ParameterCard",
+    "PetsError", "Policy", "QueryRefused", "QuerySpec", "QueryValidationError", "Release",
+    "Schema", "SiteError", "Survival", "default_schema", "demo_federation", "spec_from_json",
 ]
 
 # Submodules reached as attributes (pw.testing, pw.schema...) without being imported by the
 # package itself: the test door stays closed unless a test opens it.
 _LAZY = ("testing", "schema", "synthetic", "crypto", "privacy", "audit", "query", "site",
-         "enclave", "federation", "release")
+         "enclave", "federation", "release", "survival", "incidence", "standards", "presets",
+         "plots")
 
 
 def __getattr__(name: str) -> Any:
