@@ -162,8 +162,9 @@ def plot_survival(release: Release, *, bands: bool = True, at_risk: bool = True,
     if at_risk and drawn:
         _at_risk_table(fig.add_subplot(grid_spec[1], sharex=ax), release, tick_times)
     hidden = _hidden_names(release)
+    smallest = release.extras.get("smallest_stratum", release.card.k)
     _footer(fig, release, "; shaded: 95% band (sampling error and noise)",
-            [f"Not shown (fewer than {release.card.k} patients): {', '.join(hidden)}"]
+            [f"Not shown (fewer than {smallest} patients): {', '.join(hidden)}"]
             if hidden else [])
     return fig
 

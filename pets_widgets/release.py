@@ -98,12 +98,16 @@ class Release:
         return self.display_table().to_csv()
 
     def to_json(self) -> str:
-        """Spec, card and released table: enough to reproduce and review the release."""
-        return json.dumps({
+        """Spec, card and released table (and curves, for survival): enough to reproduce and
+        review the release."""
+        out = {
             "spec": self.spec.to_dict(),
             "card": self.card.to_dict(),
             "table": json.loads(self.display_table().to_json(orient="split")),
-        }, default=str, sort_keys=True)
+        }
+        if self.curves is not None:
+            out["curves"] = json.loads(self.curves.to_json(orient="split"))
+        return json.dumps(out, default=str, sort_keys=True)
 
 
 def _fmt(value: object) -> str:

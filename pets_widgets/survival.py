@@ -50,8 +50,11 @@ Z95 = 1.959963984540054
 LANDMARKS = {"1 year": 12, "3 years": 36, "5 years": 60}
 #: Quantities of :attr:`Release.curves` (the first level of its columns).
 CURVE_QUANTITIES = ("survival", "lower", "upper", "at_risk")
-#: Number of cells that hold the patients still followed at the horizon (died after / alive).
-BEYOND_CELLS = 2
+#: A stratum is drawn only when its noisy size is this many noise standard deviations above
+#: zero (and at least k): its size is the sum of 2 (J + 1) noisy cells, so an empty stratum
+#: has a noisy size of 0 +- 15 at epsilon 1 on a monthly 5-year grid, and would otherwise
+#: be drawn as a curve of pure noise about a third of the time (2% with this threshold).
+MIN_STRATUM_SDS = 2.0
 
 
 # --------------------------------------------------------------------------- estimation
@@ -222,6 +225,13 @@ def _landmarks(spec: Survival) -> dict[str, int]:
     return {name: month for name, month in LANDMARKS.items() if month in grid}
 
 
+def stratum_threshold(k: int, noise_variance: float, n_intervals: int) -> int:
+    """Smallest noisy stratum size that is drawn: ``k``, or :data:`MIN_STRATUM_SDS` noise
+    standard deviations of a stratum's noisy size when that is larger."""
+    sd = math.sqrt(noise_variance * 2 * (n_intervals + 1))
+    return max(k, math.ceil(MIN_STRATUM_SDS * sd))
+
+
 def _postprocessing(k: int, suppress: bool) -> str:
     steps = (
         "Kaplan-Meier from the noisy counts: numbers at risk are sums of noisy cells, made "
@@ -230,7 +240,8 @@ def _postprocessing(k: int, suppress: bool) -> str:
         "regression and clipped to [0, 1]. 95% bands on the log scale with variance = "
         "Greenwood (sampling) + discrete Laplace noise (delta method through every cell).")
     if suppress:
-        steps += (f" A stratum with fewer than k={k} noisy patients is hidden and not drawn; "
+        steps += (f" A stratum with fewer noisy patients than k={k}, or than {MIN_STRATUM_SDS:g} "
+                  "noise standard deviations of its noisy size, is hidden and not drawn; "
                   f"a curve stops where fewer than {k} remain at risk, and numbers at risk "
                   f"below {k} are not shown.")
     return steps
@@ -265,6 +276,7 @@ def build_survival(spec: Survival, schema: S.Schema, layout: Layout, noisy: Nois
     hidden_strata: list[str] = []
     estimates: list[KMEstimate] = []
     patients_half = Z95 * math.sqrt(sigma2 * 2 * (n_int + 1))
+    smallest = stratum_threshold(k, sigma2, n_int)
 
     for s in range(n_strata):
         est = kaplan_meier_from_counts(cells[s, :n_int, 1], cells[s, :n_int, 0],
@@ -273,7 +285,7 @@ def build_survival(spec: Survival, schema: S.Schema, layout: Layout, noisy: Nois
         patients = est.at_risk[0]
         value[s, 0] = patients
         low[s, 0], high[s, 0] = max(patients - patients_half, 0.0), patients + patients_half
-        if suppress and patients < k:
+        if suppress and patients < smallest:
             hidden[s, :] = True
             hidden_strata.append(labels[s])
             continue
@@ -316,18 +328,19 @@ def build_survival(spec: Survival, schema: S.Schema, layout: Layout, noisy: Nois
              "months; a death or censoring after T completed months is placed at the end of "
              "its interval."]
     if hidden_strata:
-        notes.append(f"Hidden strata (fewer than {k} noisy patients, not drawn): "
+        notes.append(f"Hidden strata (fewer than {smallest} noisy patients, not drawn): "
                      + ", ".join(hidden_strata) + ".")
     if logrank is not None:
         notes.append(f"Log-rank test across the {len(shown_strata)} shown strata: "
                      f"{logrank.note}.")
     extras: dict[str, Any] = {
         "curves": curve_frame, "logrank": logrank, "suppressed_strata": tuple(hidden_strata),
-        "strata": tuple(labels), "landmarks": marks, "k": k,
+        "strata": tuple(labels), "landmarks": marks, "k": k, "smallest_stratum": smallest,
     }
-    rule = (f"a stratum whose noisy number of patients is below k={k} is hidden (listed, not "
-            f"drawn); curves stop, and numbers at risk are hidden, where fewer than {k} "
-            "(noisy) remain at risk; per-interval counts are not released")
+    rule = (f"a stratum whose noisy number of patients is below {smallest} (k={k}, or "
+            f"{MIN_STRATUM_SDS:g} standard deviations of the noise on a stratum's size) is "
+            f"hidden (listed, not drawn); curves stop, and numbers at risk are hidden, where "
+            f"fewer than {k} (noisy) remain at risk; per-interval counts are not released")
     return Tables(table.mask(mask), mask, lower_t, upper_t, margins="none released",
                   postprocessing=_postprocessing(k, suppress), extras=extras,
                   notes=tuple(notes), suppression=rule)
