@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from pets_widgets import privacy, standards
 from pets_widgets import schema as S
@@ -88,6 +87,8 @@ def gamma_interval(rate: float, variance: float, max_weight: float,
     ``max_weight`` the largest weight: lower ``v/(2y) chi2_{2y^2/v}(a/2)``, upper
     ``(v+w^2)/(2(y+w)) chi2_{2(y+w)^2/(v+w^2)}(1-a/2)``.
     """
+    from scipy import stats  # slow to import: only when a rate is computed
+
     alpha = 1.0 - level
     y = max(rate, 0.0)
     lo = 0.0

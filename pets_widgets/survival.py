@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from lifelines.statistics import StatisticalResult
-from scipy import stats
 from scipy.optimize import isotonic_regression
 
 from pets_widgets import privacy
@@ -44,6 +42,9 @@ from pets_widgets import schema as S
 from pets_widgets.errors import QueryValidationError
 from pets_widgets.query import Layout, Survival
 from pets_widgets.release import ALL, BUILDERS, NoisyBlocks, Release, Tables, _index
+
+if TYPE_CHECKING:  # lifelines and scipy.stats are imported when a test is computed (slow)
+    from lifelines.statistics import StatisticalResult
 
 Z95 = 1.959963984540054
 #: Survival reported in the table: column name -> months (when the month is on the grid).
@@ -175,6 +176,9 @@ def logrank_from_counts(deaths: np.ndarray, at_risk: np.ndarray, labels: list[st
     ``multivariate_logrank_test``. From noisy counts the variance does not include the noise,
     so the p-value is approximate; the result says so. None for fewer than two strata.
     """
+    from lifelines.statistics import StatisticalResult
+    from scipy import stats
+
     d = np.asarray(deaths, dtype=float)
     n = np.asarray(at_risk, dtype=float)
     groups = d.shape[0]
