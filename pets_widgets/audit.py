@@ -222,10 +222,19 @@ class Ledger:
 
     def commit_release(self, reservation: int, *, release_key: str, spec_hash: str,
                        spec_json: str, sites: Sequence[str], epsilon: Fraction, analyst: str,
-                       payload: str) -> None:
+                       payload: str) -> bool:
         """Mark the reservation spent, store the release and write its audit row: one
-        transaction, so a release never exists without its charge and its audit row."""
+        transaction, so a release never exists without its charge and its audit row.
+
+        Returns False, and hands the reservation back, when a concurrent query already
+        stored a release under the same key: the caller must return that stored release.
+        """
         with self.transaction() as con:
+            if con.execute("SELECT 1 FROM releases WHERE release_key = ?",
+                           (release_key,)).fetchone():
+                con.execute("UPDATE reservations SET state = 'returned' WHERE id = ?",
+                            (reservation,))
+                return False
             updated = con.execute(
                 "UPDATE reservations SET state = 'spent' WHERE id = ? AND state = 'reserved'",
                 (reservation,)).rowcount
@@ -239,6 +248,7 @@ class Ledger:
             self._audit(con, analyst=analyst, spec_hash=spec_hash, spec_json=spec_json,
                         sites=sites, epsilon_asked=epsilon, epsilon_spent=epsilon,
                         outcome=RELEASED)
+        return True
 
     def store_unreleased(self, *, release_key: str, spec_hash: str, sites: Sequence[str],
                          epsilon: Fraction, payload: str) -> None:

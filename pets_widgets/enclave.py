@@ -339,7 +339,7 @@ class Enclave:
                     payload=json.dumps({"refused": [refusal.rule, str(refusal)]}))
                 raise refusal
             release = self._build(admission, noisy, suppress=True)
-            self.ledger.commit_release(
+            committed = self.ledger.commit_release(
                 reservation, release_key=admission.release_key, spec_hash=spec.hash,
                 spec_json=spec.to_json(), sites=admission.sites, epsilon=eps,
                 analyst=admission.analyst, payload=payload)
@@ -352,6 +352,11 @@ class Enclave:
                 rule=rule, reason=str(exc) if isinstance(exc, QueryRefused)
                 else f"{type(exc).__name__} after the budget was reserved; nothing released")
             raise
+        if not committed:  # an identical concurrent query stored its release first
+            stored = self.ledger.stored(admission.release_key)
+            if stored is None:
+                raise InternalError("a concurrent release vanished from the ledger")
+            return self._repeat(admission, stored)
         return self._with_budget(release, admission.analyst)
 
     @staticmethod
@@ -421,11 +426,14 @@ class Enclave:
                                    0 if exact else noisy.intervals[b.name])
             for b in layout.blocks)
         first = components[0]
-        rule = (f"primary: cells with a noisy value below k={k} hidden; secondary: further "
-                f"cells hidden where totals would reveal a hidden cell to within "
-                f"{self.policy.protection}") if suppress else "none (test-only exact release)"
-        if suppress and tables.suppression:
+        rule = f"primary: cells with a noisy value below k={k} hidden"
+        if tables.margins and not tables.margins.startswith("none"):
+            rule += (f"; secondary: further cells hidden so no hidden cell can be worked out "
+                     f"from the totals to within {self.policy.protection}")
+        if tables.suppression:  # a kind with its own rule (survival strata, rates)
             rule = tables.suppression
+        if not suppress:
+            rule = "none (test-only exact release)"
         card = privacy.ParameterCard(
             mechanism="none (test-only exact totals)" if exact else self._mechanism.name,
             epsilon=float(eps), epsilon_per_cell=first.epsilon, sensitivity=first.sensitivity,

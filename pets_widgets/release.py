@@ -77,10 +77,15 @@ class Release:
         counts (a lifelines ``StatisticalResult``), or None."""
         return self.extras.get("logrank")
 
-    def display_table(self, hidden: str | None = None) -> pd.DataFrame:
-        """The table as text, hidden cells shown as ``"<k"`` (``"<5"`` by default)."""
+    def display_table(self, hidden: str | None = None, intervals: bool = False) -> pd.DataFrame:
+        """The table as text, hidden cells shown as ``"<k"`` (``"<5"`` by default); with
+        ``intervals=True`` each value is followed by its 95% noise interval."""
         mark = hidden if hidden is not None else f"<{self.card.k}"
         shown = self.table.astype(object).map(_fmt)
+        if intervals:
+            lo = self.lower.astype(object).map(_fmt)
+            hi = self.upper.astype(object).map(_fmt)
+            shown = shown + " (" + lo + "-" + hi + ")"
         return shown.mask(self.suppressed.to_numpy(), mark)
 
     def _repr_html_(self) -> str:
@@ -220,6 +225,8 @@ def build_crosstab(spec: Crosstab, schema: S.Schema, layout: Layout, noisy: Nois
                    protection: int, suppress: bool) -> Tables:
     block = layout.blocks[0]
     grid = np.maximum(noisy.values["count"], 0).reshape(block.shape)
+    if block.dims[0].name != spec.rows:
+        grid = grid.T
     table2, hidden2 = _protected_2d(grid, k, protection, suppress)
     widths = _margin_widths(grid.shape, noisy.scales["count"], noisy.intervals["count"])
     index = pd.Index([*schema[spec.rows].values, TOTAL], name=spec.rows)

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import isotonic_regression
 
 from pets_widgets import privacy
 from pets_widgets import schema as S
@@ -43,7 +42,7 @@ from pets_widgets.errors import QueryValidationError
 from pets_widgets.query import Layout, Survival
 from pets_widgets.release import ALL, BUILDERS, NoisyBlocks, Release, Tables, _index
 
-if TYPE_CHECKING:  # lifelines and scipy.stats are imported when a test is computed (slow)
+if TYPE_CHECKING:  # lifelines and scipy are imported when first needed (slow to import)
     from lifelines.statistics import StatisticalResult
 
 Z95 = 1.959963984540054
@@ -99,6 +98,8 @@ def _non_increasing(y: np.ndarray) -> tuple[np.ndarray, bool]:
     """The least-squares non-increasing fit of ``y`` (itself when already non-increasing)."""
     if not np.any(np.diff(y) > 0):
         return y.astype(float), False
+    from scipy.optimize import isotonic_regression  # only when noise made a rise
+
     return np.asarray(isotonic_regression(y, increasing=False).x, dtype=float), True
 
 

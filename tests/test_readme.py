@@ -1,0 +1,31 @@
+"""Documentation that cannot drift: the README's published policy defaults are the code's."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pets_widgets as pw
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_policy_table_matches_the_code():
+    text = README.read_text()
+    published = dict(re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", text, flags=re.M))
+    policy = pw.Policy()
+    fields = {f.name for f in dataclasses.fields(policy)}
+    assert set(published) == fields
+    for name in fields:
+        assert published[name] == str(getattr(policy, name)), name
+
+
+def test_readme_quick_start_has_exactly_two_commands_and_ci_runs_the_test_one():
+    text = README.read_text()
+    block = text.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in block.strip().splitlines()]
+    assert len(commands) == 2
+    ci = (README.parent / ".ci" / "run").read_text()
+    test_command = next(c for c in commands if "test" in c)
+    assert test_command in ci
