@@ -6,6 +6,9 @@ One import is all a user needs::
     fed = pw.demo_federation(seed=7)
     release = fed.run(pw.Crosstab(rows="tumour_group", cols="age_band"))
     release.table, release.suppressed, release.card
+    km = fed.run(pw.presets.survival("by_tumour_group"))   # Kaplan-Meier, noise-aware bands
+    km.table, km.curves, km.logrank, pw.plots.plot(km)
+    fed.run(pw.IncidenceRate(by="tumour_group"))          # cases per million person-years
 
 Approved query specs run inside each site; only Paillier-encrypted aggregates leave; an
 attested enclave decrypts the sum, adds exact discrete Laplace noise and hides small cells.

@@ -9,6 +9,8 @@ from fractions import Fraction
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from lifelines import KaplanMeierFitter
 from lifelines.statistics import multivariate_logrank_test
 
@@ -300,3 +302,57 @@ def test_bands_cover_the_noiseless_curve_at_1_3_5_years(fed2, pooled2, record_pr
     print(f"\nKM 95% band coverage of the noiseless pooled curve at 1, 3, 5 years, epsilon 1, "
           f"strata of 200+ patients: {coverage:.3f} ({n} comparisons)")
     assert coverage >= 0.90
+
+
+def test_noise_part_of_the_band_matches_the_spread_of_noisy_curves(fed2, pooled2):
+    """The delta-method noise variance against the spread of 200 seeded noisy curves of one
+    stratum (CNS): the band must not be too narrow for the noise (it is slightly
+    conservative where the monotone fit smooths the noise)."""
+    spec = pw.Survival(by="tumour_group", where={"tumour_group": ["CNS"]})
+    n_int = spec.n_intervals
+    cells = exact_cells(pooled2, spec, fed2.schema).reshape(-1, n_int + 1, 2)
+    cns = cells[fed2.schema["tumour_group"].categories.index("CNS")]
+    grid = np.array(spec.grid)
+    true = sv.kaplan_meier_from_counts(cns[:n_int, 1], cns[:n_int, 0], cns[n_int], grid)
+    sampler = pw.testing.seeded_sampler(7)
+    sigma2 = privacy.noise_sd(1) ** 2
+    z = []
+    for _ in range(200):
+        noisy = np.array(sampler.sample(cns.ravel().tolist(), Fraction(1))).reshape(cns.shape)
+        est = sv.kaplan_meier_from_counts(noisy[:n_int, 1], noisy[:n_int, 0], noisy[n_int],
+                                          grid, sigma2)
+        months = list(LANDMARK_MONTHS)
+        z.append((np.log(est.survival[months]) - np.log(true.survival[months]))
+                 / np.sqrt(est.var_noise[months]))
+    z = np.array(z)
+    assert np.all(np.abs(z.mean(axis=0)) < 0.3)  # little bias, in noise SDs
+    assert np.all(z.std(axis=0) < 1.15) and np.all(z.std(axis=0) > 0.6)
+
+
+@st.composite
+def survival_specs(draw: st.DrawFn) -> pw.Survival:
+    allowed = ["site", "sex", "age_band", "diagnosis_period", "tumour_group", "stage"]
+    by = draw(st.lists(st.sampled_from(allowed), max_size=2, unique=True))
+    horizon = draw(st.sampled_from([12, 24, 60, 120, 288]))
+    interval = draw(st.sampled_from([d for d in (1, 2, 3, 6, 12) if horizon % d == 0]))
+    where: dict[str, object] = {}
+    if draw(st.booleans()):
+        where["tumour_group"] = draw(st.lists(st.sampled_from(
+            list(pw.schema.TUMOUR_GROUPS)), min_size=1, max_size=3, unique=True))
+    if draw(st.booleans()):
+        lo = draw(st.integers(2000, 2022))
+        where["diagnosis_year"] = (lo, draw(st.integers(lo, 2022)))
+    return pw.Survival(by=by, where=where, horizon_months=horizon, interval_months=interval)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(spec=survival_specs())
+def test_any_noiseless_survival_spec_equals_lifelines(fed2, pooled2, spec):
+    curves = pw.testing.noiseless(fed2, spec).curves
+    for label, rows in strata_of(pooled2, spec, fed2.schema):
+        if rows.empty:
+            assert curves["survival"][label].isna().all()
+            continue
+        want = lifelines_km(rows, spec).survival_function_at_times(list(spec.grid))
+        np.testing.assert_allclose(curves["survival"][label], want, atol=1e-12, err_msg=label)
