@@ -333,7 +333,8 @@ def test_noise_part_of_the_band_matches_the_spread_of_noisy_curves(fed2, pooled2
 def survival_specs(draw: st.DrawFn) -> pw.Survival:
     allowed = ["site", "sex", "age_band", "diagnosis_period", "tumour_group", "stage"]
     by = draw(st.lists(st.sampled_from(allowed), max_size=2, unique=True))
-    horizon = draw(st.sampled_from([12, 24, 60, 120, 288]))
+    horizons = [12, 24, 60, 120, 288] if len(by) < 2 else [12, 24]  # small vectors
+    horizon = draw(st.sampled_from(horizons))
     interval = draw(st.sampled_from([d for d in (1, 2, 3, 6, 12) if horizon % d == 0]))
     where: dict[str, object] = {}
     if draw(st.booleans()):
@@ -345,7 +346,7 @@ def survival_specs(draw: st.DrawFn) -> pw.Survival:
     return pw.Survival(by=by, where=where, horizon_months=horizon, interval_months=interval)
 
 
-@settings(max_examples=25, deadline=None,
+@settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(spec=survival_specs())
 def test_any_noiseless_survival_spec_equals_lifelines(fed2, pooled2, spec):
