@@ -213,14 +213,16 @@ def file_feds(registry_files):
     pw.Crosstab(rows="age_band", cols="stage", where={"died": [True]}),
     pw.Mean(variable="follow_up_months", by=["sex"]),
     pw.Histogram(variable="diagnosis_year"),
+    pw.Survival(by="sex", horizon_months=36, interval_months=6),
 ], ids=lambda s: s.describe())
 def test_csv_and_sqlite_sites_in_kernels_equal_local_sites_and_pandas(file_feds, spec):
     kernel, local = file_feds["kernel"], file_feds["local"]
     assert [s.backend for s in kernel._sites] == ["kernel", "kernel"]
     got = pw.testing.noiseless(kernel, spec)
     pd.testing.assert_frame_equal(got.table, pw.testing.noiseless(local, spec).table)
-    want = expected(spec, pw.testing.pooled_rows(kernel), kernel.schema)
-    np.testing.assert_array_equal(got.table.to_numpy(float), want.to_numpy(float))
+    if not isinstance(spec, pw.Survival):  # survival's own oracle is lifelines (test_survival)
+        want = expected(spec, pw.testing.pooled_rows(kernel), kernel.schema)
+        np.testing.assert_array_equal(got.table.to_numpy(float), want.to_numpy(float))
     status = kernel.status()
     assert status["rows"].tolist() == [900, 700] and status["alive"].all()
     assert kernel.enclave.key_bits == TEST_KEY_BITS  # the argument overrides the file

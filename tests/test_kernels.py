@@ -39,8 +39,11 @@ SPECS = [
     pw.Histogram(variable="follow_up_months", where={"tumour_group": ["Leukaemia"]}),
     pw.Histogram(variable="age_at_diagnosis"),
 ]
-if hasattr(pw, "Survival"):  # issue 5 lands it; included once it is on main
-    SPECS.append(pw.Survival(group_by="tumour_group"))  # type: ignore[attr-defined]
+SPECS += [
+    pw.Survival(by="tumour_group", horizon_months=60, interval_months=3),
+    pw.Survival(where={"age_band": ["<1"]}),
+    pw.IncidenceRate(by="tumour_group", where={"diagnosis_period": ["2015-2019"]}),
+]
 
 _EPSILONS = itertools.count(1)
 
