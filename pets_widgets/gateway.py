@@ -113,6 +113,8 @@ class GatewaySite(RemoteSite):
         from jupyter_client.session import Session
 
         self._token = self._read_token()
+        # No "env" in the body: with one, the gateway gives the kernel a minimal environment
+        # (no HOME, no PYTHONPATH); without, it inherits the gateway's, less its token.
         status, model = self._http("POST", "api/kernels", {"name": self.kernel_name},
                                    timeout=timeout)
         if status != 201 or not isinstance(model, dict) or "id" not in model:
