@@ -77,6 +77,9 @@ def _close_all_at_exit() -> None:
 atexit.register(_close_all_at_exit)
 
 
+_DIED = "its kernel died"
+
+
 class RemoteSite:
     """One site in its own kernel. ``start()`` before use; ``close()`` (idempotent) after.
 
@@ -152,10 +155,22 @@ class RemoteSite:
             return self
 
     def challenge(self) -> str:
-        """First call of every query: brings a dead kernel back first, then asks for a nonce."""
+        """First call of every query: brings a dead kernel back first, then asks for a nonce.
+
+        A kernel found dying during the challenge itself (killed between queries, before its
+        death was noticed) is restarted once and asked again: nothing has been sent to it
+        yet, so nothing is lost or repeated.
+        """
         with self._lock:
             self._ensure_up()
-            nonce = self._call("challenge", {}, self.timeout).get("nonce")
+            try:
+                result = self._call("challenge", {}, self.timeout)
+            except SiteError:
+                if not self.cause.startswith(_DIED):
+                    raise
+                self._ensure_up()
+                result = self._call("challenge", {}, self.timeout)
+            nonce = result.get("nonce")
             if not isinstance(nonce, str):
                 raise SiteIntegrityError(self.name, "replied to challenge without a nonce")
             return nonce
@@ -209,7 +224,7 @@ class RemoteSite:
         try:
             payload = self._execute(call_code(op, args), timeout)
         except KernelDied as exc:
-            self._mark_down(f"its kernel died ({exc})")
+            self._mark_down(f"{_DIED} ({exc})")
             raise SiteError(self.name, f"its kernel died during {op} ({exc}); nothing was "
                                        "released; it is restarted at the next query") from None
         except KernelTimeout as exc:
