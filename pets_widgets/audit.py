@@ -73,6 +73,8 @@ REFUSED = "refused"
 INVALID = "invalid"
 FAILED = "failed"
 TEST = "test-noiseless"
+#: The account that pays for noisy checks whose answer was a refusal (federation budget only).
+FEDERATION_CHECKS = "(federation checks)"
 
 
 def now() -> str:
@@ -271,6 +273,46 @@ class Ledger:
             self._audit(con, analyst=analyst, spec_hash=spec_hash, spec_json=spec_json,
                         sites=sites, epsilon_asked=epsilon, epsilon_spent=Fraction(0),
                         outcome=outcome, rule=rule, reason=reason)
+
+    def refuse_charged(self, reservation: int, *, keys: Sequence[str], payload: str,
+                       analyst: str, spec_hash: str, spec_json: str, sites: Sequence[str],
+                       epsilon: Fraction, rule: str, reason: str) -> None:
+        """A refusal decided on fresh noise: its epsilon moves from the analyst to the
+        federation's account (the analyst received nothing), the decision is stored under
+        every key given so asking again returns it without new noise, and the audit row says
+        so. One transaction."""
+        with self.transaction() as con:
+            con.execute("UPDATE reservations SET state = 'spent', analyst = ? WHERE id = ? "
+                        "AND state = 'reserved'", (FEDERATION_CHECKS, reservation))
+            for key in keys:
+                con.execute(
+                    "INSERT OR IGNORE INTO releases (release_key, time, spec_hash, epsilon, "
+                    "sites, payload) VALUES (?,?,?,?,?,?)",
+                    (key, now(), spec_hash, fraction_text(epsilon), ",".join(sites), payload))
+            self._audit(con, analyst=analyst, spec_hash=spec_hash, spec_json=spec_json,
+                        sites=sites, epsilon_asked=epsilon, epsilon_spent=Fraction(0),
+                        outcome=REFUSED, rule=rule,
+                        reason=f"{reason}; the check drew noise, so its epsilon "
+                               f"{float(epsilon):g} was charged to the federation's budget")
+
+    def incident(self, reservation: int, *, analyst: str, spec_hash: str, spec_json: str,
+                 sites: Sequence[str], epsilon: Fraction, reason: str) -> None:
+        """A decrypted total broke the packing bounds (a site encrypted what no honest site
+        can): the reservation stays spent, the federation is locked, the audit row says why."""
+        with self.transaction() as con:
+            con.execute("UPDATE reservations SET state = 'spent' WHERE id = ?", (reservation,))
+            con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('locked', ?)",
+                        (f"{now()}: {reason}",))
+            self._audit(con, analyst=analyst, spec_hash=spec_hash, spec_json=spec_json,
+                        sites=sites, epsilon_asked=epsilon, epsilon_spent=epsilon,
+                        outcome=FAILED, rule="integrity_incident",
+                        reason=f"{reason}; nothing released, the epsilon is charged and the "
+                               "federation is locked until an operator unlocks it")
+
+    def unlock(self) -> None:
+        """Lift the lock set by an integrity incident (an operator's decision)."""
+        with self.transaction() as con:
+            con.execute("DELETE FROM meta WHERE key = 'locked'")
 
     def stored(self, release_key: str) -> str | None:
         """The stored payload of an earlier release (or refusal) with this key, if any."""

@@ -114,14 +114,20 @@ class Packing:
         if len(plaintexts) != self.n_ciphertexts:
             raise PackingError(f"expected {self.n_ciphertexts} plaintexts, got {len(plaintexts)}")
         mask = (1 << self.slot_bits) - 1
+        most = self.n_sites * self.cell_bound  # the largest total honest sites can produce
         out: list[int] = []
         for i, m in enumerate(plaintexts):
             count = min(self.slots, self.n_cells - i * self.slots)
             m = int(m)
             if m >> (count * self.slot_bits):
-                raise IntegrityError("a decrypted total has bits beyond its slots: tampered sum")
+                raise IntegrityError("a decrypted total has bits beyond its slots: a site "
+                                     "encrypted values outside the agreed range")
             for _ in range(count):
-                out.append(m & mask)
+                value = m & mask
+                if value > most:
+                    raise IntegrityError("a decrypted total exceeds what honest sites can "
+                                         "produce: a site encrypted values outside the range")
+                out.append(value)
                 m >>= self.slot_bits
         return out
 

@@ -10,10 +10,14 @@ refuse to encrypt to an enclave whose rules were quietly loosened.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import numbers
+import os
+import secrets
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -41,6 +45,7 @@ MEASURED_MODULES = ("enclave", "privacy", "crypto", "release", "query", "schema"
                     "survival", "incidence", "standards")
 
 
+@functools.cache
 def code_measurement() -> str:
     """SHA-256 over the source of the enclave's modules (a stand-in for an MRENCLAVE)."""
     digest = hashlib.sha256()
@@ -80,9 +85,14 @@ def check_k(k: object) -> int:
     return int(k)  # type: ignore[call-overload]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Admission:
-    """A query the enclave has admitted: validated, within policy, with per-site nonces."""
+    """A query the enclave has admitted: validated and within policy.
+
+    The coordinator holds this object only as a receipt: the enclave keeps its own copy,
+    looked up by ``id``, with the nonces it issued, and trusts nothing else the caller
+    passes back.
+    """
 
     spec: QuerySpec
     epsilon: Fraction
@@ -92,7 +102,7 @@ class Admission:
     layout: Layout
     packing: crypto.Packing
     release_key: str
-    nonces: dict[str, str] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: secrets.token_hex(16))
 
 
 class Enclave:
@@ -102,21 +112,35 @@ class Enclave:
                  policy: privacy.Policy | None = None, key_bits: int = crypto.DEFAULT_KEY_BITS,
                  site_capacity: int = crypto.DEFAULT_SITE_CAPACITY):
         self.schema = schema
-        self.policy = policy or privacy.Policy()
+        self._policy = policy or privacy.Policy()
         self.key_bits = key_bits
         self.site_capacity = site_capacity
         self.public_key, self._private_key = crypto.generate_paillier_keypair(key_bits)
         self.key_fingerprint = crypto.key_fingerprint(self.public_key)
         self._platform_key = crypto.SigningKey()  # stands in for the CPU's attestation key
         self.platform_key = self._platform_key.public
-        self.measurement = expected_measurement(self.policy)
         self._mechanism: privacy.NoiseMechanism = privacy.OpenDPDiscreteLaplace()
         self._site_keys: dict[str, crypto.VerifyKey] = {}
         #: Public inputs of builders (population denominators), by name; never patient data.
         self._public: dict[str, pd.DataFrame] = {}
+        self._lock = threading.Lock()
+        self._open: dict[str, Admission] = {}
+        self._nonces: dict[str, dict[str, str]] = {}
+        self._used_nonces: set[str] = set()
         self.ledger = ledger
         ledger.set_meta("policy", json.dumps(self.policy.to_dict(), sort_keys=True))
         ledger.set_meta("measurement", self.measurement)
+
+    @property
+    def policy(self) -> privacy.Policy:
+        """The policy this enclave enforces (read-only: it is part of the measurement)."""
+        return self._policy
+
+    @property
+    def measurement(self) -> str:
+        """What this enclave attests to: a hash of its code and of the policy it enforces,
+        computed afresh, so a policy changed after start-up is seen by every site."""
+        return expected_measurement(self._policy)
 
     def register_population(self, population: pd.DataFrame) -> None:
         """Hold the sites' public person-years denominators (for incidence rates).
@@ -156,14 +180,22 @@ class Enclave:
         """
         sites = tuple(sites)
         eps = self._validated(spec, epsilon, k, analyst, sites)
+        spec = spec.canonical(self.schema)
         k_int = check_k(k)
         self._enforce(spec, eps, k_int, analyst, sites)
+        if spec.where:
+            decided = self.ledger.stored(self._subset_key(spec, sites))
+            if decided is not None:  # this filter was refused before: same answer, no noise
+                rule, message = json.loads(decided)["refused"]
+                self._refuse(spec, eps, analyst, sites, QueryRefused(rule, message))
         admission = self._admission(spec, eps, k_int, analyst, sites)
         stored = self.ledger.stored(admission.release_key)
         if stored is not None:
+            self._close(admission)
             return self._repeat(admission, stored)
         budget = self._budget(analyst)
         if eps > budget.analyst_left or eps > budget.federation_left:
+            self._close(admission)
             self._refuse_budget(spec, eps, analyst, sites, budget)
         return admission
 
@@ -172,8 +204,30 @@ class Enclave:
         layout = spec.layout(self.schema)
         packing = crypto.Packing.for_layout(layout.size, layout.max_contribution, len(sites),
                                             self.key_bits, self.site_capacity)
-        return Admission(spec, eps, k, analyst, sites, layout, packing,
-                         self._release_key(spec, eps, sites))
+        admission = Admission(spec, eps, k, analyst, sites, layout, packing,
+                              self._release_key(spec, eps, k, sites))
+        with self._lock:
+            self._open[admission.id] = admission
+            self._nonces[admission.id] = {}
+        return admission
+
+    def _close(self, admission: Admission) -> None:
+        with self._lock:
+            self._open.pop(admission.id, None)
+            self._nonces.pop(admission.id, None)
+
+    def _take(self, admission: Admission) -> tuple[Admission, dict[str, str]]:
+        """The enclave's own copy of an open admission and its nonces, closed for good: each
+        admission is released (or fails) once, and its nonces can never answer again."""
+        with self._lock:
+            trusted = self._open.pop(admission.id, None)
+            nonces = self._nonces.pop(admission.id, None)
+        if trusted is None or nonces is None:
+            raise IntegrityError("this query is not open in the enclave (already released, "
+                                 "aborted, or never admitted)")
+        if trusted != admission:
+            raise IntegrityError("the admission was altered after the enclave issued it")
+        return trusted, nonces
 
     def _validated(self, spec: QuerySpec, epsilon: object, k: object, analyst: str,
                    sites: tuple[str, ...]) -> Fraction:
@@ -187,6 +241,11 @@ class Enclave:
             if not analyst or not isinstance(analyst, str):
                 raise QueryValidationError("analyst", f"{analyst!r} is not a name",
                                            "a non-empty name")
+            hub_user = os.environ.get("JUPYTERHUB_USER")
+            if hub_user and analyst != hub_user:
+                raise QueryValidationError(
+                    "analyst", f"is fixed to the signed-in JupyterHub user {hub_user!r}",
+                    [hub_user])
         except QueryValidationError as exc:
             self.ledger.record(
                 analyst=str(analyst or "?"), spec_hash=getattr(spec, "hash", ""),
@@ -199,6 +258,11 @@ class Enclave:
     def _enforce(self, spec: QuerySpec, eps: Fraction, k: int, analyst: str,
                  sites: tuple[str, ...]) -> None:
         policy = self.policy
+        locked = self.ledger.meta("locked")
+        if locked:
+            self._refuse(spec, eps, analyst, sites, QueryRefused(
+                "locked", f"the federation is locked after an integrity incident ({locked}); "
+                "an operator must investigate and unlock the ledger"))
         if eps > Fraction(str(policy.max_epsilon)):
             self._refuse(spec, eps, analyst, sites, QueryRefused(
                 "max_epsilon", f"epsilon {float(eps):g} is above the policy maximum of "
@@ -245,32 +309,55 @@ class Enclave:
         return self._budget(analyst)
 
     @staticmethod
-    def _release_key(spec: QuerySpec, eps: Fraction, sites: Sequence[str]) -> str:
-        text = f"{spec.hash}|{eps.numerator}/{eps.denominator}|{','.join(sorted(sites))}"
+    def _release_key(spec: QuerySpec, eps: Fraction, k: int, sites: Sequence[str]) -> str:
+        # k is part of the question: suppression is decided once, when the noise is drawn,
+        # so a repeat can never show a different pattern of hidden cells.
+        text = (f"{spec.hash}|{eps.numerator}/{eps.denominator}|k={k}|"
+                f"{','.join(sorted(sites))}")
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @staticmethod
+    def _subset_key(spec: QuerySpec, sites: Sequence[str]) -> str:
+        where = json.dumps({k: list(v) for k, v in spec.where.items()}, sort_keys=True)
+        text = f"subset|{where}|{','.join(sorted(sites))}"
         return hashlib.sha256(text.encode()).hexdigest()
 
     def issue_nonce(self, admission: Admission, site: str, nonce: str) -> crypto.Quote:
-        """Quote for one site's challenge, remembered so the site's reply must answer it."""
-        admission.nonces[site] = nonce
+        """Quote for one site's challenge, remembered so the site's reply must answer it.
+
+        A nonce is accepted once, for one site of one open admission: an old aggregate can
+        never be replayed into another release."""
+        with self._lock:
+            trusted = self._open.get(admission.id)
+            nonces = self._nonces.get(admission.id)
+            if trusted is None or nonces is None or trusted != admission:
+                raise IntegrityError("this query is not open in the enclave")
+            if site not in trusted.sites:
+                raise IntegrityError(f"{site!r} is not a site of this query")
+            if site in nonces or nonce in self._used_nonces:
+                raise IntegrityError("a challenge can be answered once only")
+            nonces[site] = nonce
+            self._used_nonces.add(nonce)
         return self.quote(nonce)
 
     def abort(self, admission: Admission, outcome: str, rule: str, reason: str) -> None:
         """Record a query that failed before any budget was reserved (nothing spent)."""
+        self._close(admission)
         self.ledger.record(analyst=admission.analyst, spec_hash=admission.spec.hash,
                            spec_json=admission.spec.to_json(), sites=admission.sites,
                            epsilon_asked=admission.epsilon, outcome=outcome, rule=rule,
                            reason=reason)
 
     # -- phase 2: verification, decryption, release -------------------------------------------
-    def verify(self, admission: Admission, aggregates: Sequence[crypto.EncryptedAggregate],
-               summed: Sequence[int]) -> None:
+    def _verify(self, admission: Admission, nonces: Mapping[str, str],
+                aggregates: Sequence[crypto.EncryptedAggregate], summed: Sequence[int]) -> None:
         """Raise :class:`IntegrityError` unless every aggregate is signed by its site, for this
         spec, this query's nonce, this key and packing, and ``summed`` is their product."""
         seen = sorted(a.site for a in aggregates)
         if seen != sorted(admission.sites):
             raise IntegrityError("the aggregates do not come from exactly the query's sites")
         for agg in aggregates:
-            problem = self._problem(admission, agg)
+            problem = self._problem(admission, nonces, agg)
             if problem:
                 raise SiteIntegrityError(agg.site, problem)
         expected = crypto.add_encrypted(self.public_key, [a.ciphertexts for a in aggregates])
@@ -278,7 +365,8 @@ class Enclave:
             raise IntegrityError("the aggregator's sum does not match the signed site "
                                  "aggregates")
 
-    def _problem(self, admission: Admission, agg: crypto.EncryptedAggregate) -> str:
+    def _problem(self, admission: Admission, nonces: Mapping[str, str],
+                 agg: crypto.EncryptedAggregate) -> str:
         """Why one site's aggregate cannot be accepted ("" when it can)."""
         key = self._site_keys.get(agg.site)
         if key is None:
@@ -287,7 +375,7 @@ class Enclave:
             return "its aggregate has a bad signature (tampered or not signed by the site)"
         if agg.spec_hash != admission.spec.hash:
             return "its aggregate is for another query"
-        if agg.nonce != admission.nonces.get(agg.site):
+        if agg.nonce != nonces.get(agg.site):
             return "its aggregate answers another challenge (a replay)"
         if agg.key_fingerprint != self.key_fingerprint:
             return "its aggregate is encrypted to another enclave key"
@@ -311,38 +399,55 @@ class Enclave:
 
     def release(self, admission: Admission, aggregates: Sequence[crypto.EncryptedAggregate],
                 summed: Sequence[int]) -> Release:
-        """Verify, reserve budget, decrypt the totals, add noise, suppress, store, release."""
+        """Verify, reserve budget, decrypt the totals, add noise, suppress, store, release.
+
+        Only the enclave's own copy of the admission counts, and the policy is checked again
+        here: whatever the coordinator did to its receipt, the floors hold.
+        """
+        admission, nonces = self._take(admission)
+        spec, eps = admission.spec, admission.epsilon
         try:
-            self.verify(admission, aggregates, summed)
+            self._verify(admission, nonces, aggregates, summed)
         except IntegrityError as exc:
             self.abort(admission, audit.FAILED, "integrity", str(exc))
             raise
-        spec, eps = admission.spec, admission.epsilon
+        self._enforce(spec, eps, admission.k, admission.analyst, admission.sites)
+        stored = self.ledger.stored(admission.release_key)
+        if stored is not None:  # an identical query finished while the sites worked
+            return self._repeat(admission, stored)
         try:
             reservation = self.ledger.reserve(
                 analyst=admission.analyst, spec_hash=spec.hash, epsilon=eps,
                 analyst_budget=Fraction(str(self.policy.analyst_budget)),
                 federation_budget=Fraction(str(self.policy.federation_budget)))
         except BudgetExceeded as exc:
+            stored = self.ledger.stored(admission.release_key)
+            if stored is not None:
+                return self._repeat(admission, stored)
             self.abort(admission, audit.REFUSED, exc.rule, str(exc))
             raise
         try:
             totals = self._totals(admission, summed)
+        except IntegrityError as exc:
+            # A decrypted total outside its slots means a site encrypted something no honest
+            # site can: the failure itself would answer a threshold question about the other
+            # sites' exact totals. So it is charged, not returned, and the federation locks.
+            self.ledger.incident(
+                reservation, analyst=admission.analyst, spec_hash=spec.hash,
+                spec_json=spec.to_json(), sites=admission.sites, epsilon=eps, reason=str(exc))
+            raise
+        refusal: QueryRefused | None = None
+        try:
             noisy = self._noisy(admission.layout, eps, totals)
-            payload = json.dumps({"noisy": {b: v.tolist() for b, v in noisy.values.items()},
-                                  "time": audit.now()})
             refusal = self._subset_refusal(admission, noisy)
-            if refusal is not None:
-                self.ledger.store_unreleased(
-                    release_key=admission.release_key, spec_hash=spec.hash,
-                    sites=admission.sites, epsilon=eps,
-                    payload=json.dumps({"refused": [refusal.rule, str(refusal)]}))
-                raise refusal
-            release = self._build(admission, noisy, suppress=True)
-            committed = self.ledger.commit_release(
-                reservation, release_key=admission.release_key, spec_hash=spec.hash,
-                spec_json=spec.to_json(), sites=admission.sites, epsilon=eps,
-                analyst=admission.analyst, payload=payload)
+            if refusal is None:
+                release = self._build(admission, noisy, suppress=True)
+                payload = json.dumps({"noisy": {b: v.tolist() for b, v in noisy.values.items()},
+                                      "time": audit.now()})
+                committed = self.ledger.commit_release(
+                    reservation, release_key=admission.release_key, spec_hash=spec.hash,
+                    spec_json=spec.to_json(), sites=admission.sites, epsilon=eps,
+                    analyst=admission.analyst, payload=payload)
         except BaseException as exc:
             rule = exc.rule if isinstance(exc, QueryRefused) else "fault"
             outcome = audit.REFUSED if isinstance(exc, QueryRefused) else audit.FAILED
@@ -352,6 +457,18 @@ class Enclave:
                 rule=rule, reason=str(exc) if isinstance(exc, QueryRefused)
                 else f"{type(exc).__name__} after the budget was reserved; nothing released")
             raise
+        if refusal is not None:
+            # The refusal was decided on freshly drawn noise: it is a differentially private
+            # answer, so its epsilon is charged to the federation (not to the analyst, who gets
+            # nothing), and the decision is kept for this filter, whatever the kind or epsilon.
+            decision = json.dumps({"refused": [refusal.rule, str(refusal)]})
+            self.ledger.refuse_charged(
+                reservation, keys=(admission.release_key, self._subset_key(spec,
+                                                                          admission.sites)),
+                payload=decision, analyst=admission.analyst, spec_hash=spec.hash,
+                spec_json=spec.to_json(), sites=admission.sites, epsilon=eps,
+                rule=refusal.rule, reason=str(refusal))
+            raise refusal
         if not committed:  # an identical concurrent query stored its release first
             stored = self.ledger.stored(admission.release_key)
             if stored is None:
@@ -455,14 +572,15 @@ class Enclave:
     # -- the test door (reached only from pets_widgets.testing) --------------------------------
     def _admit_exact(self, spec: QuerySpec, analyst: str, sites: Sequence[str]) -> Admission:
         """Admission for the test door: validated, but no policy, budget or stored release."""
-        spec.validate(self.schema)
+        spec = spec.validate(self.schema).canonical(self.schema)
         return self._admission(spec, Fraction(1), self.policy.k, analyst, tuple(sites))
 
     def _release_exact(self, admission: Admission,
                        aggregates: Sequence[crypto.EncryptedAggregate],
                        summed: Sequence[int]) -> Release:
         """Exact totals, no noise, no suppression, no budget: for oracle tests only."""
-        self.verify(admission, aggregates, summed)
+        admission, nonces = self._take(admission)
+        self._verify(admission, nonces, aggregates, summed)
         totals = self._totals(admission, summed)
         noisy = NoisyBlocks(totals, {b: 0.0 for b in totals}, {b: 0 for b in totals})
         self.abort(admission, audit.TEST, "test", "exact totals through pets_widgets.testing")

@@ -13,6 +13,7 @@ question cannot buy fresh noise.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -280,6 +281,15 @@ class QuerySpec:
     def stratifiers(self) -> tuple[str, ...]:
         """The categorical variables the cells are split by."""
         return ()
+
+    def canonical(self, schema: S.Schema) -> QuerySpec:
+        """The same question in canonical form for a federation: a site filter that keeps
+        every site of ``schema`` is dropped, like any other filter that selects everything."""
+        sites = self.where.get("site")
+        if sites is not None and set(sites) >= set(schema["site"].categories):
+            kept = {k: v for k, v in self.where.items() if k != "site"}
+            return dataclasses.replace(self, where=kept)
+        return self
 
     def layout(self, schema: S.Schema) -> Layout:
         """The fixed cell layout of this query's aggregate vector."""

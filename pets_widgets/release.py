@@ -159,17 +159,36 @@ def _with_margins(cells: np.ndarray) -> np.ndarray:
     return out
 
 
-def _margin_widths(shape: tuple[int, int], scale: float, half: int) -> np.ndarray:
-    r, c = shape
-    w = np.full((r + 1, c + 1), float(half))
-    w[:-1, -1] = _margin_half_width(c, scale, half)
-    w[-1, :-1] = _margin_half_width(r, scale, half)
-    w[-1, -1] = _margin_half_width(r * c, scale, half)
-    return w
+def _clamp_bias(scale: float) -> float:
+    """E[max(X, 0)] for discrete Laplace noise X: how much clamping a true zero at zero adds
+    on average (q / (1 - q^2), q = exp(-1/scale))."""
+    if scale <= 0:
+        return 0.0
+    q = math.exp(-1.0 / scale)
+    return q / (1 - q * q)
+
+
+def _margin_bounds(table: np.ndarray, scale: float,
+                   half: int) -> tuple[np.ndarray, np.ndarray]:
+    """95% noise intervals of a table with margins. A margin sums clamped noisy cells: its
+    noise is wider (normal approximation) and biased upwards by clamping, by at most the
+    clamping bias of each of its cells, so its lower bound is lowered by that much."""
+    r, c = table.shape[0] - 1, table.shape[1] - 1
+    below = np.full(table.shape, float(half))
+    above = np.full(table.shape, float(half))
+    bias = _clamp_bias(scale)
+    for index, n_cells in (((slice(None, -1), -1), c), ((-1, slice(None, -1)), r),
+                           ((-1, -1), r * c)):
+        width = _margin_half_width(n_cells, scale, half)
+        above[index] = width
+        below[index] = width + n_cells * bias
+    values = table.astype(float)
+    return np.maximum(values - below, 0), values + above
 
 
 MARGINS_DERIVED = ("row, column and grand totals are sums of the released noisy cells "
-                   "(post-processing, no extra budget); their intervals use a normal approximation")
+                   "(post-processing, no extra budget); their intervals use a normal "
+                   "approximation, lowered by the bias of clamping cells at zero")
 CLAMPED = "noisy counts below zero set to zero"
 
 
@@ -209,14 +228,13 @@ def _count_two_way(spec: Count, schema: S.Schema, block: Block, cells: np.ndarra
     a, b = spec.by
     grid = cells.reshape(block.shape)
     table2, hidden2 = _protected_2d(grid, k, protection, suppress)
-    widths = _margin_widths(grid.shape, noisy.scales["count"], noisy.intervals["count"])
+    lo, hi = _margin_bounds(table2, noisy.scales["count"], noisy.intervals["count"])
     rows = [*schema[a].values, TOTAL]
     cols = [*schema[b].values, TOTAL]
     index = pd.MultiIndex.from_product([rows, cols], names=[a, b])
     flat = table2.ravel()
     table = pd.DataFrame({"count": pd.array(flat, dtype="Int64")}, index=index)
-    lo, hi = _interval(flat.astype(float), widths.ravel())
-    return _finish(table, hidden2.ravel(), lo, hi, margins=MARGINS_DERIVED,
+    return _finish(table, hidden2.ravel(), lo.ravel(), hi.ravel(), margins=MARGINS_DERIVED,
                    postprocessing=CLAMPED + "; complementary suppression so hidden cells "
                    "cannot be recovered from the totals")
 
@@ -225,14 +243,15 @@ def build_crosstab(spec: Crosstab, schema: S.Schema, layout: Layout, noisy: Nois
                    protection: int, suppress: bool) -> Tables:
     block = layout.blocks[0]
     grid = np.maximum(noisy.values["count"], 0).reshape(block.shape)
-    if block.dims[0].name != spec.rows:
-        grid = grid.T
+    # Suppression is decided in the canonical (layout) orientation, then the table is
+    # transposed for display: asking with rows and columns swapped shows the same hidden cells.
     table2, hidden2 = _protected_2d(grid, k, protection, suppress)
-    widths = _margin_widths(grid.shape, noisy.scales["count"], noisy.intervals["count"])
+    lo, hi = _margin_bounds(table2, noisy.scales["count"], noisy.intervals["count"])
+    if block.dims[0].name != spec.rows:
+        table2, hidden2, lo, hi = table2.T, hidden2.T, lo.T, hi.T
     index = pd.Index([*schema[spec.rows].values, TOTAL], name=spec.rows)
     columns = pd.Index([*schema[spec.cols].values, TOTAL], name=spec.cols)
     table = pd.DataFrame(table2, index=index, columns=columns).astype("Int64")
-    lo, hi = _interval(table2.astype(float), widths)
     return _finish(table, hidden2, lo, hi, margins=MARGINS_DERIVED,
                    postprocessing=CLAMPED + "; complementary suppression so hidden cells "
                    "cannot be recovered from the totals")

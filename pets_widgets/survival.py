@@ -353,7 +353,8 @@ def build_survival(spec: Survival, schema: S.Schema, layout: Layout, noisy: Nois
     rule = (f"a stratum whose noisy number of patients is below {smallest} (k={k}, or "
             f"{MIN_STRATUM_SDS:g} standard deviations of the noise on a stratum's size) is "
             f"hidden (listed, not drawn); curves stop, and numbers at risk are hidden, where "
-            f"fewer than {k} (noisy) remain at risk; per-interval counts are not released")
+            f"fewer than {k} (noisy) remain at risk; per-interval counts are not listed, "
+            f"though the curve and numbers at risk imply their noisy values")
     return Tables(table.mask(mask), mask, lower_t, upper_t, margins="none released",
                   postprocessing=_postprocessing(k, suppress), extras=extras,
                   notes=tuple(notes), suppression=rule)

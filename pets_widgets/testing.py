@@ -34,7 +34,7 @@ def noiseless(fed: Federation, spec: QuerySpec) -> Release:
     for site in fed._sites:
         quote = enclave.issue_nonce(admission, site.name, site.challenge())
         aggregates.append(site.respond(
-            AggregateRequest(spec, quote, enclave.public_key, admission.packing)))
+            AggregateRequest(admission.spec, quote, enclave.public_key, admission.packing)))
     summed = crypto.add_encrypted(enclave.public_key, [a.ciphertexts for a in aggregates])
     return enclave._release_exact(admission, aggregates, summed)
 

@@ -1,0 +1,133 @@
+"""Regression tests for attacks found in review: each one pinned by name."""
+
+from __future__ import annotations
+
+import dataclasses
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+import pets_widgets as pw
+from pets_widgets import crypto
+from pets_widgets.federation import Federation
+
+from .test_integrity import Tamper
+
+
+def _collect(fed, admission):
+    return fed._gather(admission, lambda *a: None)
+
+
+def test_regression_altered_admission_cannot_lower_k_or_raise_epsilon(fresh_fed):
+    enclave = fresh_fed.enclave
+    spec = pw.Count(by=["subtype"], where={"diagnosis_year": (2001, 2001)})
+    admission = enclave.admit(spec, 1.0, 5, "eve", fresh_fed.site_names)
+    forged = dataclasses.replace(admission, k=1, epsilon=Fraction(5))
+    aggregates, summed = _collect(fresh_fed, admission)
+    with pytest.raises(pw.IntegrityError, match="altered"):
+        enclave.release(forged, aggregates, summed)
+    with pytest.raises(pw.IntegrityError, match="not open"):  # and the real one is spent
+        enclave.release(admission, aggregates, summed)
+    assert fresh_fed.budget("eve").analyst_spent == 0
+
+
+def test_regression_old_aggregates_cannot_be_replayed_into_a_new_release(fresh_fed):
+    enclave = fresh_fed.enclave
+    spec = pw.Count(by=["sex"])
+    first = enclave.admit(spec, 1.0, 5, "eve", fresh_fed.site_names)
+    aggregates, summed = _collect(fresh_fed, first)
+    enclave.release(first, aggregates, summed)
+    second = enclave.admit(spec, 0.5, 5, "eve", fresh_fed.site_names)
+    for agg in aggregates:
+        with pytest.raises(pw.IntegrityError, match="once"):
+            enclave.issue_nonce(second, agg.site, agg.nonce)
+
+
+def test_regression_another_k_is_another_release_and_hidden_cells_stay_hidden(fresh_fed):
+    spec = pw.Crosstab(rows="tumour_group", cols="age_band", where={"diagnosis_year": (2005, 2005)})
+    at5 = fresh_fed.run(spec, analyst="eve")
+    again = fresh_fed.run(spec, analyst="eve")
+    assert again.card.repeated and again.suppressed.equals(at5.suppressed)
+    swapped = fresh_fed.run(pw.Crosstab(rows="age_band", cols="tumour_group",
+                                        where={"diagnosis_year": (2005, 2005)}), analyst="eve")
+    assert swapped.card.repeated
+    np.testing.assert_array_equal(swapped.suppressed.to_numpy(), at5.suppressed.to_numpy().T)
+    at8 = fresh_fed.run(spec, k=8, analyst="eve")
+    assert not at8.card.repeated  # new suppression needs new noise, and is charged
+    assert fresh_fed.budget("eve").analyst_spent == 2
+
+
+def test_regression_policy_cannot_be_swapped_after_attestation(fresh_fed):
+    with pytest.raises(AttributeError):
+        fresh_fed.enclave.policy = pw.Policy(k=1)  # type: ignore[misc]
+    fresh_fed.enclave._policy = pw.Policy(k=1, min_subset=0)
+    try:
+        with pytest.raises(pw.AttestationError, match="measurement"):
+            fresh_fed.run(pw.Count(by=["subtype"]), k=1)
+    finally:
+        fresh_fed.enclave._policy = pw.Policy()
+
+
+def test_regression_overflow_probe_is_charged_and_locks_the_federation(fresh_fed):
+    """A colluding site encrypting out-of-range values learns one bit at most: the failure
+    is charged, and the federation locks."""
+    site = fresh_fed._sites[0]._site
+
+    def rewrite(agg, request):
+        packing = request.packing
+        huge = packing.pack([packing.cell_bound] * packing.n_cells)
+        forged = [int(c) for c in crypto.encrypt(request.public_key,
+                                                 [m * 2 for m in huge])]
+        return dataclasses.replace(agg, ciphertexts=tuple(forged)).signed(site._signing_key)
+
+    evil = Federation([Tamper(fresh_fed._sites[0], rewrite), fresh_fed._sites[1]],
+                      fresh_fed.enclave)
+    with pytest.raises(pw.IntegrityError):
+        evil.run(pw.Count(by=["sex"]), epsilon=0.5, analyst="eve")
+    assert fresh_fed.budget("eve").analyst_spent == Fraction(1, 2)
+    assert fresh_fed.audit_log().iloc[-1].rule == "integrity_incident"
+    with pytest.raises(pw.QueryRefused) as info:
+        fresh_fed.run(pw.Count(by=["age_band"]), analyst="ann")
+    assert info.value.rule == "locked"
+    fresh_fed.ledger.unlock()
+    fresh_fed.run(pw.Count(by=["age_band"]), analyst="ann")
+
+
+def test_regression_subset_refusals_cannot_be_redrawn_by_changing_epsilon(fresh_fed):
+    where = {"subtype": ["PPB"], "sex": ["F"], "diagnosis_year": (2003, 2004)}
+    with pytest.raises(pw.QueryRefused) as info:
+        fresh_fed.run(pw.Count(where=where), epsilon=1.0, analyst="eve")
+    assert info.value.rule == "min_subset"
+    budget = fresh_fed.budget("eve")
+    assert budget.analyst_spent == 0 and budget.federation_spent == 1  # the check was paid
+    for eps in (0.9, 0.8, 0.5):  # any epsilon, any kind: the stored decision, no new noise
+        with pytest.raises(pw.QueryRefused):
+            fresh_fed.run(pw.Count(where=where), epsilon=eps, analyst="eve")
+    with pytest.raises(pw.QueryRefused):
+        fresh_fed.run(pw.Histogram(variable="age_at_diagnosis", where=where), analyst="eve")
+    assert fresh_fed.budget("eve").federation_spent == 1
+
+
+def test_regression_a_filter_on_every_site_is_no_filter(fresh_fed):
+    spec = pw.Count(by=["sex"], where={"site": list(fresh_fed.site_names)})
+    assert spec.canonical(fresh_fed.schema).hash == pw.Count(by=["sex"]).hash
+    first = fresh_fed.run(pw.Count(by=["sex"]), analyst="eve")
+    again = fresh_fed.run(spec, analyst="eve")
+    assert again.card.repeated and again.table.equals(first.table)
+
+
+def test_regression_jupyterhub_user_is_enforced_inside_the_enclave(fresh_fed, monkeypatch):
+    monkeypatch.setenv("JUPYTERHUB_USER", "hub-user")
+    with pytest.raises(pw.QueryValidationError) as info:
+        fresh_fed.enclave.admit(pw.Count(), 1.0, 5, "someone-else", fresh_fed.site_names)
+    assert info.value.field == "analyst"
+
+
+def test_regression_margin_intervals_allow_for_clamping_bias():
+    from pets_widgets.release import _clamp_bias, _margin_bounds
+
+    table = np.zeros((3, 4), dtype=np.int64)  # all-zero 2x3 table with margins
+    lo, hi = _margin_bounds(table, 1.0, 3)
+    assert _clamp_bias(1.0) == pytest.approx(0.4255, abs=1e-3)
+    assert hi[-1, -1] > hi[0, 0] and lo[-1, -1] == 0
