@@ -255,11 +255,12 @@ def download_html(release: Release) -> str:
 # --------------------------------------------------------------------------- plots
 
 
-def figure_html(fig: Any, alt: str = "plot", css_class: str = "pw-plot") -> str:
+def figure_html(fig: Any, alt: str = "plot", css_class: str = "pw-plot",
+                tight: bool = True) -> str:
     """A matplotlib figure as an inline PNG ``<img>``; the figure is closed afterwards so the
     notebook's inline backend does not show it a second time."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight" if tight else None)
     pyplot = sys.modules.get("matplotlib.pyplot")
     if pyplot is not None:
         pyplot.close(fig)

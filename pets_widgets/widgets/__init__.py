@@ -12,8 +12,8 @@ Example
 >>> pw.widgets.dashboard()                # the Voila app  # doctest: +SKIP
 """
 
+from pets_widgets.widgets.app import Dashboard, dashboard
 from pets_widgets.widgets.audit_view import AuditView
-from pets_widgets.widgets.dashboard import Dashboard, dashboard
 from pets_widgets.widgets.explorer import EpsilonExplorer
 from pets_widgets.widgets.query_builder import QueryBuilder
 

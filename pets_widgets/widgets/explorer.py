@@ -120,7 +120,7 @@ class EpsilonExplorer(W.VBox):
                             + _error_html(sim))
         self.figure.value = render.figure_html(explore.noise_figure(sim.blocks),
                                                alt="noise distribution",
-                                               css_class="pw-plot pw-noise-plot")
+                                               css_class="pw-plot pw-noise-plot", tight=False)
         self.plot.value = (render.plot_html(sim.release)
                            if sim.spec.kind == "survival" else "")
 
