@@ -69,6 +69,9 @@ class LocalSite:
     def respond(self, request: AggregateRequest) -> crypto.EncryptedAggregate:
         return self._site.respond(request)
 
+    def close(self) -> None:
+        self._site.close()
+
     def status(self) -> dict[str, Any]:
         return {"alive": True, "rows": self._site.rows_rounded}
 
@@ -155,6 +158,11 @@ class Federation:
         naming the site when a site fails; in every one of those cases nothing is released
         and no budget is spent, and the ledger has an audit row saying why.
         """
+        with crypto.foreground():  # background precomputation waits while a query runs
+            return self._run(spec, epsilon, k, analyst, progress)
+
+    def _run(self, spec: QuerySpec, epsilon: float, k: int | None, analyst: str | None,
+             progress: Progress | None) -> Release:
         report = progress or (lambda stage, site, frac: None)
         analyst = resolve_analyst(analyst)
         admitted = self.enclave.admit(spec, epsilon, self.policy.k if k is None else k, analyst,

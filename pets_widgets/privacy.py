@@ -16,14 +16,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from functools import lru_cache
 from typing import Protocol
 
+import highspy
 import numpy as np
-from scipy.optimize import linprog
 
 from pets_widgets.errors import InternalError
 
@@ -171,15 +174,43 @@ def _line_constraints(shape: tuple[int, int]) -> list[list[tuple[int, int, int]]
     return lines
 
 
+_BANNER_SHOWN = threading.Lock()
+_banner_done = False
+
+
+def _new_lp() -> highspy.Highs:
+    """A silent HiGHS model. HiGHS prints a banner to the process's stdout (file descriptor
+    1, which Jupyter kernels forward to the notebook) the first time one is created; the
+    first creation happens with that descriptor pointed at /dev/null."""
+    global _banner_done
+    with _BANNER_SHOWN:
+        if not _banner_done:
+            sys.stdout.flush()
+            saved = os.dup(1)
+            try:
+                with open(os.devnull, "w") as null:
+                    os.dup2(null.fileno(), 1)
+                    lp = highspy.Highs()
+            finally:
+                os.dup2(saved, 1)
+                os.close(saved)
+            _banner_done = True
+        else:
+            lp = highspy.Highs()
+    lp.setOptionValue("output_flag", False)
+    return lp
+
+
 def feasible_ranges(table: np.ndarray, hidden: np.ndarray,
                     cells: Sequence[tuple[int, int]] | None = None,
                     ) -> tuple[np.ndarray, np.ndarray]:
     """What an attacker learns: for each hidden cell of a table with margins (last row and
     column), its smallest and largest value consistent with the published cells, the
-    additivity of the table and non-negativity, by linear programming (HiGHS).
+    additivity of the table and non-negativity, by linear programming (HiGHS, warm-started:
+    one model, only the objective changes between solves).
 
     Returns ``(lower, upper)`` arrays of the table's shape, NaN where the cell is published
-    (or not among ``cells``, when given).
+    (or not among ``cells``, when given); ``upper`` is ``inf`` where nothing bounds it.
     """
     table = np.asarray(table, dtype=float)
     hidden = np.asarray(hidden, dtype=bool)
@@ -189,33 +220,37 @@ def feasible_ranges(table: np.ndarray, hidden: np.ndarray,
     if not unknowns:
         return lower, upper
     index = {c: n for n, c in enumerate(unknowns)}
-    a_eq, b_eq = [], []
+    n_vars = len(unknowns)
+    lp = _new_lp()
+    lp.addVars(n_vars, np.zeros(n_vars), np.full(n_vars, highspy.kHighsInf))
     for line in _line_constraints(table.shape):
-        row = np.zeros(len(unknowns))
-        rhs = 0.0
+        idx, coefs, rhs = [], [], 0.0
         for i, j, coef in line:
             if (i, j) in index:
-                row[index[(i, j)]] += coef
+                idx.append(index[(i, j)])
+                coefs.append(float(coef))
             else:
                 rhs -= coef * table[i, j]
-        if row.any():
-            a_eq.append(row)
-            b_eq.append(rhs)
-    a = np.array(a_eq) if a_eq else None
-    b = np.array(b_eq) if b_eq else None
+        if idx:
+            lp.addRow(rhs, rhs, len(idx), np.array(idx, dtype=np.int32), np.array(coefs))
+    all_cols = np.arange(n_vars, dtype=np.int32)
+    unbounded = (highspy.HighsModelStatus.kUnbounded,
+                 highspy.HighsModelStatus.kUnboundedOrInfeasible)
     for cell in unknowns if cells is None else cells:
-        n = index[cell]
+        cost = np.zeros(n_vars)
+        cost[index[cell]] = 1.0
+        lp.changeColsCost(n_vars, all_cols, cost)
         found = []
-        for sign in (1.0, -1.0):
-            c = np.zeros(len(unknowns))
-            c[n] = sign
-            res = linprog(c, A_eq=a, b_eq=b, bounds=(0, None), method="highs")
-            if res.status == 3:  # unbounded
+        for sense in (highspy.ObjSense.kMinimize, highspy.ObjSense.kMaximize):
+            lp.changeObjectiveSense(sense)
+            lp.run()
+            status = lp.getModelStatus()
+            if status in unbounded:
                 found.append(math.inf)
-            elif res.status != 0:
-                raise InternalError(f"feasible-range LP failed: {res.message}")
+            elif status == highspy.HighsModelStatus.kOptimal:
+                found.append(lp.getInfo().objective_function_value)
             else:
-                found.append(sign * res.fun)
+                raise InternalError(f"feasible-range LP failed: {lp.modelStatusToString(status)}")
         lower[cell], upper[cell] = found
     return lower, upper
 
@@ -235,7 +270,6 @@ def secondary_suppression(table: np.ndarray, hidden: np.ndarray, protection: int
     """
     table = np.asarray(table, dtype=float)
     hidden = np.array(hidden, dtype=bool)
-    n_rows, n_cols = table.shape
     penalty = np.ones(table.shape)
     penalty[-1, :] *= 10.0  # hiding a margin loses more than hiding a cell
     penalty[:, -1] *= 10.0
@@ -250,27 +284,49 @@ def secondary_suppression(table: np.ndarray, hidden: np.ndarray, protection: int
         protected.update(c for c in todo if c not in weak)
         if not weak:
             return hidden
-        i, j = weak[0]
-        best: tuple[tuple[bool, float, float], list[tuple[int, int]]] | None = None
-        for i2 in range(n_rows):
-            for j2 in range(n_cols):
-                if i2 == i or j2 == j:
-                    continue
-                corners = [(i, j), (i, j2), (i2, j), (i2, j2)]
-                new = [c for c in corners[1:] if not hidden[c]]
-                if not new:
-                    continue
-                width = _rectangle_width(table, corners, n_rows, n_cols)
-                score = (width < protection, sum(float(cost[c]) for c in new), -width)
-                if best is None or score < best[0]:
-                    best = (score, new)
-        if best is None:
-            # Every rectangle through this cell is already hidden yet it is still too
-            # narrow: nothing short of hiding the whole table protects it.
+        # One rectangle per weak cell in lines no other rectangle touched this round (those
+        # may be protected already), then check again: few rounds, little over-hiding.
+        touched_rows: set[int] = set()
+        touched_cols: set[int] = set()
+        added = False
+        for i, j in weak:
+            if i in touched_rows or j in touched_cols:
+                continue
+            best = _best_rectangle(table, hidden, cost, (i, j), protection)
+            if best is None:
+                continue
+            for r, c in best:
+                hidden[r, c] = True
+                touched_rows.add(r)
+                touched_cols.add(c)
+            added = True
+        if not added:
+            # Every rectangle through the weak cells is hidden already, yet they are still
+            # too narrow: nothing short of hiding the whole table protects them.
             hidden[:] = True
             return hidden
-        for c in best[1]:
-            hidden[c] = True
+
+
+def _best_rectangle(table: np.ndarray, hidden: np.ndarray, cost: np.ndarray,
+                    cell: tuple[int, int], protection: int) -> list[tuple[int, int]] | None:
+    """The cheapest set of cells to hide with ``cell`` so that one cycle of the table's
+    additivity can move it by at least ``protection`` (or the widest such move)."""
+    i, j = cell
+    n_rows, n_cols = table.shape
+    best: tuple[tuple[bool, float, float], list[tuple[int, int]]] | None = None
+    for i2 in range(n_rows):
+        for j2 in range(n_cols):
+            if i2 == i or j2 == j:
+                continue
+            corners = [(i, j), (i, j2), (i2, j), (i2, j2)]
+            new = [c for c in corners[1:] if not hidden[c]]
+            if not new:
+                continue
+            width = _rectangle_width(table, corners, n_rows, n_cols)
+            score = (width < protection, sum(float(cost[c]) for c in new), -width)
+            if best is None or score < best[0]:
+                best = (score, new)
+    return None if best is None else best[1]
 
 
 def _rectangle_width(table: np.ndarray, corners: list[tuple[int, int]], n_rows: int,

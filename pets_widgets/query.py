@@ -17,10 +17,9 @@ import hashlib
 import json
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
-from types import MappingProxyType
 from typing import Any, ClassVar
 
 from pets_widgets import schema as S
@@ -31,7 +30,27 @@ from pets_widgets.errors import QueryValidationError
 _BASE = S.default_schema()
 
 FilterValue = tuple[Any, ...]
-Where = Mapping[str, FilterValue]
+
+
+class Where(Mapping[str, FilterValue]):
+    """A read-only, canonical mapping of filters: variable -> allowed values or (low, high)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, FilterValue] | None = None):
+        self._data = dict(data or {})
+
+    def __getitem__(self, key: str) -> FilterValue:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return repr(self._data)
 
 
 def _norm_name(text: object) -> str:
@@ -119,7 +138,7 @@ def _match_value(var: S.Variable, value: object, field_name: str) -> object:
 
 def _normalise_where(where: Mapping[str, object] | None, schema: S.Schema) -> Where:
     if where is None:
-        return MappingProxyType({})
+        return Where()
     if not isinstance(where, Mapping):
         raise QueryValidationError("where", f"expected a mapping, got {type(where).__name__}",
                                    schema.names)
@@ -131,7 +150,7 @@ def _normalise_where(where: Mapping[str, object] | None, schema: S.Schema) -> Wh
         value = _normalise_filter(schema[name], raw, f"where.{name}")
         if value is not None:
             out[name] = value
-    return MappingProxyType({k: out[k] for k in schema.names if k in out})
+    return Where({k: out[k] for k in schema.names if k in out})
 
 
 def _normalise_by(by: object, schema: S.Schema, field_name: str = "by") -> tuple[str, ...]:
@@ -225,7 +244,7 @@ class QuerySpec:
     """Base class of query specs: a frozen, validated value with canonical JSON and hash."""
 
     kind: ClassVar[str] = ""
-    where: Where = field(default_factory=lambda: MappingProxyType({}), kw_only=True)
+    where: Where = field(default_factory=Where, kw_only=True)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -95,6 +95,8 @@ class Site:
         self.verify_key = self._signing_key.public
         self._enrollment: Enrollment | None = None
         self._challenges: set[str] = set()
+        self._pools: dict[int, crypto.ObfuscatorPool] = {}
+        self.precompute = True
 
     def __repr__(self) -> str:
         return f"Site({self.name!r}, about {self.rows_rounded} patients)"
@@ -127,6 +129,10 @@ class Site:
         Raises :class:`AttestationError` before touching any data when the enclave is not
         the approved one, and :class:`QueryValidationError` for a spec this site rejects.
         """
+        with crypto.foreground():
+            return self._respond(request)
+
+    def _respond(self, request: AggregateRequest) -> crypto.EncryptedAggregate:
         if self._enrollment is None:
             raise AttestationError(f"site {self.name!r} is not enrolled with any enclave")
         nonce = request.quote.nonce
@@ -143,11 +149,29 @@ class Site:
             raise QueryValidationError("packing", "does not match the query's layout")
         values = self._aggregate(spec)
         plaintexts = packing.pack(values.tolist())
-        ciphertexts = crypto.encrypt(request.public_key, plaintexts)
+        ciphertexts = crypto.encrypt(request.public_key, plaintexts,
+                                     self._pool(request.public_key, len(plaintexts)))
         aggregate = crypto.EncryptedAggregate(
             self.name, spec.hash, nonce, crypto.key_fingerprint(request.public_key), packing,
             tuple(ciphertexts))
         return aggregate.signed(self._signing_key)
+
+    def _pool(self, public_key: crypto.PublicKey, used: int) -> crypto.ObfuscatorPool | None:
+        """This site's pool of precomputed obfuscators for an attested enclave key: started
+        at the first query to that key (which is encrypted cold) and kept about twice as
+        full as the largest query so far."""
+        if not self.precompute:
+            return None
+        pool = self._pools.get(public_key.n)
+        if pool is None:
+            pool = self._pools[public_key.n] = crypto.ObfuscatorPool(public_key, target=0)
+        pool.target = max(pool.target, 2 * used)
+        return pool
+
+    def close(self) -> None:
+        """Stop background precomputation."""
+        for pool in self._pools.values():
+            pool.close()
 
     def respond_json(self, request_json: str) -> str:
         """:meth:`respond` on the JSON wire form (the entry point inside a site kernel)."""

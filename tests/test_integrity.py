@@ -187,3 +187,35 @@ def test_aggregate_wire_form_round_trips_and_rejects_garbage(fed2):
         crypto.EncryptedAggregate.from_json('{"site": "NCI"}')
     with pytest.raises(pw.IntegrityError):
         crypto.EncryptedAggregate.from_json("garbage")
+
+
+def test_obfuscator_pool_hands_out_each_obfuscator_once():
+    pk, sk = crypto.generate_paillier_keypair(1024)
+    pool = crypto.ObfuscatorPool(pk, target=8, background=False)
+    pool.fill()
+    assert len(pool) == 8
+    first = pool.take(5)
+    second = pool.take(5)  # 3 from the pool, 2 computed on the spot
+    assert len(pool) == 0
+    assert len({int(x) for x in first + second}) == 10  # never reused
+    cts = crypto.encrypt(pk, [0, 1, 2**100], pool)
+    assert crypto.decrypt(sk, cts) == [0, 1, 2**100]
+    assert len(set(crypto.encrypt(pk, [7, 7], pool))) == 2  # fresh randomness each time
+    other, _ = crypto.generate_paillier_keypair(1024)
+    with pytest.raises(ValueError):
+        crypto.encrypt(other, [1], pool)
+
+
+def test_background_pool_fills_between_queries_and_pauses_during_them():
+    import time
+
+    pk, _ = crypto.generate_paillier_keypair(1024)
+    with crypto.foreground():
+        pool = crypto.ObfuscatorPool(pk, target=4)
+        time.sleep(0.2)
+        assert len(pool) == 0  # paused while a query runs
+    deadline = time.monotonic() + 30
+    while len(pool) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(pool) == 4
+    pool.close()
