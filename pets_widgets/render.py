@@ -227,7 +227,7 @@ def budget_html(budget: audit.Budget, policy: Any | None = None) -> str:
     """Budget left for the analyst and the federation, in plain words."""
     a_total = f" of {policy.analyst_budget:g}" if policy is not None else ""
     f_total = f" of {policy.federation_budget:g}" if policy is not None else ""
-    return (f'<div class="pw-budget">Privacy budget left for <b>{esc(budget.analyst)}</b>: '
+    return (f'<div class="pw-budget-text">Privacy budget left for <b>{esc(budget.analyst)}</b>: '
             f"<b>{float(budget.analyst_left):g}</b>{a_total} "
             f"(federation: {float(budget.federation_left):g}{f_total}).</div>")
 

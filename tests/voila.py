@@ -106,3 +106,36 @@ def route_loopback_only(page: object) -> None:
     """Abort every request that is not to loopback (the page links a CDN stylesheet)."""
     page.route("**/*", lambda r: r.continue_()  # type: ignore[attr-defined]
                if r.request.url.startswith(LOOPBACK) else r.abort())
+
+
+def descendants(pid: int) -> set[int]:
+    """Process ids of every live descendant of ``pid`` (children, grandchildren...)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    """The subset of ``pids`` still running (zombies excepted)."""
+    out = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            out.add(pid)
+    return out

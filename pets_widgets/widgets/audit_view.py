@@ -32,7 +32,7 @@ class AuditView(W.VBox):
                                       "pw-audit-refresh")
         self.budget = html("", "pw-audit-budget")
         self.counts = html("", "pw-audit-counts")
-        self.table = html("", "pw-audit-table")
+        self.table = html("", "pw-audit-area")
         super().__init__([styles(), W.HBox([self.analyst, self.everyone, self.refresh_button]),
                           self.budget, self.counts, self.table])
         classed(self, "pw-root", "pw-audit")
