@@ -6,6 +6,9 @@ One import is all a user needs::
     fed = pw.demo_federation(seed=7)
     release = fed.run(pw.Crosstab(rows="tumour_group", cols="age_band"))
     release.table, release.suppressed, release.card
+    km = fed.run(pw.presets.survival("by_tumour_group"))   # Kaplan-Meier, noise-aware bands
+    km.table, km.curves, km.logrank, pw.plots.plot(km)
+    fed.run(pw.IncidenceRate(by="tumour_group"))          # cases per million person-years
 
 Approved query specs run inside each site; only Paillier-encrypted aggregates leave; an
 attested enclave decrypts the sum, adds exact discrete Laplace noise and hides small cells.
@@ -29,7 +32,16 @@ from pets_widgets.errors import (
 )
 from pets_widgets.federation import Federation, demo_federation
 from pets_widgets.privacy import ParameterCard, Policy
-from pets_widgets.query import Count, Crosstab, Histogram, Mean, QuerySpec, spec_from_json
+from pets_widgets.query import (
+    Count,
+    Crosstab,
+    Histogram,
+    IncidenceRate,
+    Mean,
+    QuerySpec,
+    Survival,
+    spec_from_json,
+)
 from pets_widgets.release import Release
 from pets_widgets.schema import Schema, default_schema
 
@@ -37,17 +49,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttestationError", "BudgetExceeded", "Count", "Crosstab", "Enclave", "Federation",
-    "Histogram", "IntegrityError", "Ledger", "Mean", "ParameterCard", "PetsError", "Policy",
-    "QueryRefused", "QuerySpec", "QueryValidationError", "Release", "Schema", "SiteError",
-    "default_schema", "demo_federation", "spec_from_json",
+    "Histogram", "IncidenceRate", "IntegrityError", "Ledger", "Mean", "ParameterCard",
+    "PetsError", "Policy", "QueryRefused", "QuerySpec", "QueryValidationError", "Release",
+    "Schema", "SiteError", "Survival", "default_schema", "demo_federation", "spec_from_json",
 ]
 
 # Submodules reached as attributes (pw.testing, pw.schema...) without being imported by the
 # package itself: the test door stays closed unless a test opens it, and ipywidgets is only
 # imported when a user reaches for pw.widgets.
 _LAZY = ("testing", "schema", "synthetic", "crypto", "privacy", "audit", "query", "site",
-         "enclave", "federation", "release", "widgets", "forms", "progress", "render",
-         "explore")
+         "enclave", "federation", "release", "survival", "incidence", "standards", "presets",
+         "plots", "widgets", "forms", "progress", "render", "explore")
 
 
 def __getattr__(name: str) -> Any:

@@ -20,9 +20,11 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from pets_widgets import audit, crypto, privacy
+from pets_widgets import audit, crypto, incidence, privacy
 from pets_widgets import schema as S
+from pets_widgets import survival as _survival  # noqa: F401  (registers the survival builder)
 from pets_widgets.errors import (
     BudgetExceeded,
     IntegrityError,
@@ -32,10 +34,11 @@ from pets_widgets.errors import (
     SiteIntegrityError,
 )
 from pets_widgets.query import Layout, QuerySpec
-from pets_widgets.release import BUILDERS, NoisyBlocks, Release
+from pets_widgets.release import BUILDERS, PUBLIC_INPUTS, NoisyBlocks, Release
 
 #: Modules whose source makes up the enclave's measured code.
-MEASURED_MODULES = ("enclave", "privacy", "crypto", "release", "query", "schema", "audit")
+MEASURED_MODULES = ("enclave", "privacy", "crypto", "release", "query", "schema", "audit",
+                    "survival", "incidence", "standards")
 
 
 def code_measurement() -> str:
@@ -109,9 +112,26 @@ class Enclave:
         self.measurement = expected_measurement(self.policy)
         self._mechanism: privacy.NoiseMechanism = privacy.OpenDPDiscreteLaplace()
         self._site_keys: dict[str, crypto.VerifyKey] = {}
+        #: Public inputs of builders (population denominators), by name; never patient data.
+        self._public: dict[str, pd.DataFrame] = {}
         self.ledger = ledger
         ledger.set_meta("policy", json.dumps(self.policy.to_dict(), sort_keys=True))
         ledger.set_meta("measurement", self.measurement)
+
+    def register_population(self, population: pd.DataFrame) -> None:
+        """Hold the sites' public person-years denominators (for incidence rates).
+
+        They are population estimates, not patient data, and are used unnoised. They cannot
+        weaken privacy: a rate is noisy counts divided by public numbers (post-processing),
+        so wrong denominators could only give wrong rates, never disclose anyone.
+        """
+        self._public["population"] = incidence.check_population(population, self.schema.sites)
+
+    @property
+    def population(self) -> pd.DataFrame | None:
+        """The registered public denominators (a copy), or None."""
+        frame = self._public.get("population")
+        return None if frame is None else frame.copy()
 
     # -- attestation ------------------------------------------------------------------------
     def register_site(self, name: str, verify_key: crypto.VerifyKey) -> None:
@@ -190,6 +210,11 @@ class Enclave:
         if set(sites) != set(self.schema.sites):
             self._refuse(spec, eps, analyst, sites, QueryRefused(
                 "sites", "every site of the federation must take part in every query"))
+        missing = [n for n in PUBLIC_INPUTS.get(spec.kind, ()) if n not in self._public]
+        if missing:
+            self._refuse(spec, eps, analyst, sites, QueryRefused(
+                "public_inputs", f"a {spec.kind} query needs public {', '.join(missing)} "
+                "tables, and none are registered with the enclave"))
 
     def _refuse(self, spec: QuerySpec, eps: Fraction | None, analyst: str,
                 sites: tuple[str, ...], exc: QueryRefused) -> None:
@@ -388,7 +413,13 @@ class Enclave:
         builder = BUILDERS.get(spec.kind)
         if builder is None:
             raise InternalError(f"no table builder for query kind {spec.kind!r}")
-        tables = builder(spec, self.schema, layout, noisy, k, self.policy.protection, suppress)
+        missing = [n for n in PUBLIC_INPUTS.get(spec.kind, ()) if n not in self._public]
+        if missing:
+            raise QueryRefused("public_inputs", f"a {spec.kind} query needs public "
+                               f"{', '.join(missing)} tables, and none are registered")
+        public = {n: self._public[n] for n in PUBLIC_INPUTS.get(spec.kind, ())}
+        tables = builder(spec, self.schema, layout, noisy, k, self.policy.protection, suppress,
+                         **public)
         components = tuple(
             privacy.NoiseComponent(b.name, float(eps * b.budget_share), b.sensitivity,
                                    0.0 if exact else noisy.scales[b.name],
@@ -399,6 +430,8 @@ class Enclave:
         if tables.margins and not tables.margins.startswith("none"):
             rule += (f"; secondary: further cells hidden so no hidden cell can be worked out "
                      f"from the totals to within {self.policy.protection}")
+        if tables.suppression:  # a kind with its own rule (survival strata, rates)
+            rule = tables.suppression
         if not suppress:
             rule = "none (test-only exact release)"
         card = privacy.ParameterCard(
@@ -408,7 +441,7 @@ class Enclave:
             suppression_rule=rule, spec_hash=spec.hash, sites=admission.sites, time=audit.now(),
             components=components, margins=tables.margins,
             postprocessing=tables.postprocessing, analyst=admission.analyst,
-            repeated=repeated, policy=self.policy.to_dict())
+            repeated=repeated, policy=self.policy.to_dict(), notes=tables.notes)
         return Release(spec, tables.table, tables.suppressed, card, tables.lower, tables.upper,
                        tables.extras)
 

@@ -130,6 +130,9 @@ class Federation:
         self.schema = enclave.schema
         for site in self._sites:
             enclave.register_site(site.name, site.verify_key)
+        population = self.population()
+        if not population.empty:  # public denominators only: no patient data moves
+            enclave.register_population(population)
 
     def __repr__(self) -> str:
         backends = {s.backend for s in self._sites}

@@ -14,6 +14,7 @@ question cannot buy fresh noise.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import numbers
@@ -23,6 +24,7 @@ from fractions import Fraction
 from typing import Any, ClassVar
 
 from pets_widgets import schema as S
+from pets_widgets import standards
 from pets_widgets.errors import QueryValidationError
 
 #: Schema used to validate specs when they are built; sites are checked at run time against
@@ -426,6 +428,154 @@ class Histogram(QuerySpec):
         var = schema[self.variable]
         dim = Dim(var.name, var.bin_labels(), coding="bins", edges=var.bins)
         return Layout((Block("count", (dim,)),))
+
+
+def _normalise_strata(by: object, field_name: str, allowed: tuple[str, ...],
+                      most: int = 2) -> tuple[str, ...]:
+    """``by`` as 0 to ``most`` distinct variables among ``allowed``, in schema order."""
+    if by is None:
+        return ()
+    items = [by] if isinstance(by, str) else list(by)  # type: ignore[call-overload]
+    names = [_resolve_variable(b, field_name, allowed) for b in items]
+    if len(set(names)) != len(names):
+        raise QueryValidationError(field_name, f"repeats a variable in {names}", allowed)
+    if len(names) > most:
+        raise QueryValidationError(field_name, f"has {len(names)} variables; at most {most}",
+                                   allowed)
+    return tuple(n for n in _BASE.names if n in names)
+
+
+def _positive_int(value: object, field_name: str, allowed: str) -> int:
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        value = int(value)
+    if not _is_int(value) or int(value) < 1:  # type: ignore[call-overload]
+        raise QueryValidationError(field_name, f"{value!r} is not a positive whole number",
+                                   allowed)
+    return int(value)  # type: ignore[call-overload]
+
+
+#: Variables a survival curve or a rate may not be stratified by: vital status is the outcome.
+_OUTCOMES = ("died",)
+
+
+@dataclass(frozen=True)
+class Survival(QuerySpec):
+    """Kaplan-Meier survival by stratum, from deaths and censorings on a fixed time grid.
+
+    The grid is set by the spec, never by the data: ``horizon_months / interval_months``
+    intervals ``[0, w), [w, 2w), ...`` of completed months of follow-up, plus one cell for
+    patients still followed at the horizon. Each patient falls in exactly one cell (stratum x
+    interval x died), so the whole vector is one block of sensitivity 1: noise of scale
+    ``1/epsilon`` on every cell makes the vector epsilon-DP by parallel composition.
+
+    A death (or censoring) after ``T`` completed months is placed at the end of its interval,
+    grid time ``(T // w + 1) * w``: with monthly intervals, a child who died in the first month
+    (``T = 0``) died by 1 month. Curves are therefore Kaplan-Meier on durations mapped to the
+    grid, censorings at a grid time counted at risk for that time's deaths (as lifelines does).
+
+    Example
+    -------
+    >>> spec = Survival(by="tumour_group", where={"age_band": ["<1"]}, horizon_months=60)
+    """
+
+    kind: ClassVar[str] = "survival"
+    by: tuple[str, ...] = ()
+    horizon_months: int = 60
+    interval_months: int = 1
+
+    def _normalise(self) -> None:
+        allowed = tuple(n for n in _BASE.groupable if n not in _OUTCOMES)
+        self._set("by", _normalise_strata(self.by, "by", allowed))
+        most = S.MAX_FOLLOW_UP_MONTHS
+        horizon = _positive_int(self.horizon_months, "horizon_months",
+                                f"whole numbers of months 1-{most}")
+        if horizon > most:
+            raise QueryValidationError("horizon_months", f"{horizon} is beyond the longest "
+                                       "follow-up of the registries", f"1-{most}")
+        interval = _positive_int(self.interval_months, "interval_months",
+                                 f"whole numbers of months that divide horizon_months={horizon}")
+        if horizon % interval:
+            divisors = [d for d in range(1, horizon + 1) if horizon % d == 0]
+            raise QueryValidationError("interval_months", f"{interval} does not divide "
+                                       f"horizon_months={horizon}", divisors)
+        self._set("horizon_months", horizon)
+        self._set("interval_months", interval)
+
+    def stratifiers(self) -> tuple[str, ...]:
+        return self.by
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """Grid times in months, 0 to the horizon: where curves are estimated."""
+        return tuple(range(0, self.horizon_months + 1, self.interval_months))
+
+    @property
+    def n_intervals(self) -> int:
+        return self.horizon_months // self.interval_months
+
+    def layout(self, schema: S.Schema) -> Layout:
+        w, horizon = self.interval_months, self.horizon_months
+        edges = (*self.grid, S.MAX_FOLLOW_UP_MONTHS + 1)
+        labels = (*(f"{t}-{t + w - 1}" if w > 1 else str(t) for t in self.grid[:-1]),
+                  f">={horizon}")
+        interval = Dim("follow_up_months", labels, coding="bins", edges=edges)
+        dims = (*_count_dims(self.by, schema), interval, Dim("died", (False, True)))
+        return Layout((Block("survival", dims),))
+
+
+#: Variables whose filters restrict the population denominators as well as the cases.
+POPULATION_VARIABLES = ("site", "sex", "age_band", "diagnosis_year", "diagnosis_period",
+                        "age_at_diagnosis")
+
+
+def _age_band_edges() -> tuple[int, ...]:
+    """First age of every age band, and one past the last age: (0, 1, 5, 10, 15)."""
+    starts = [a for a in range(S.MAX_AGE + 1)
+              if a == 0 or S.age_band_of(a) != S.age_band_of(a - 1)]
+    return (*starts, S.MAX_AGE + 1)
+
+
+@dataclass(frozen=True)
+class IncidenceRate(QuerySpec):
+    """New cases per million person-years, crude and age-standardised, by stratum.
+
+    Cases are counted per stratum and age band (one block, sensitivity 1); the enclave divides
+    by the sites' public person-years. Filters on ``site``, ``sex``, ``age_band``,
+    ``diagnosis_year``, ``diagnosis_period`` and (on age-band boundaries) ``age_at_diagnosis``
+    restrict cases and denominators alike; filters on other variables (tumour group, subtype,
+    stage...) restrict the cases only, as for a rate of one tumour type. ``standard`` names the
+    standard population of the age-standardised rate (see :mod:`pets_widgets.standards`).
+
+    Example
+    -------
+    >>> spec = IncidenceRate(by="tumour_group", where={"diagnosis_period": ["2015-2019"]})
+    """
+
+    kind: ClassVar[str] = "incidence"
+    by: tuple[str, ...] = ()
+    standard: str = standards.DEFAULT_STANDARD
+
+    def _normalise(self) -> None:
+        allowed = tuple(n for n in _BASE.groupable if n not in _OUTCOMES)
+        self._set("by", _normalise_strata(self.by, "by", allowed))
+        self._set("standard", _resolve_variable(self.standard, "standard",
+                                                tuple(standards.STANDARDS)))
+        ages = self.where.get("age_at_diagnosis")
+        if ages is not None:
+            edges = _age_band_edges()
+            if ages[0] not in edges or ages[1] + 1 not in edges:
+                raise QueryValidationError(
+                    "where.age_at_diagnosis", f"range {tuple(ages)} does not follow the age "
+                    "bands of the population denominators",
+                    "ranges from and to age-band boundaries: " + ", ".join(
+                        f"({lo}, {hi - 1})" for lo, hi in itertools.pairwise(edges)))
+
+    def stratifiers(self) -> tuple[str, ...]:
+        return self.by
+
+    def layout(self, schema: S.Schema) -> Layout:
+        names = self.by if "age_band" in self.by else (*self.by, "age_band")
+        return Layout((Block("cases", _count_dims(names, schema)),))
 
 
 def spec_from_dict(data: Mapping[str, Any]) -> QuerySpec:

@@ -44,6 +44,10 @@ class Tables:
     margins: str = ""
     postprocessing: str = ""
     extras: dict[str, Any] = field(default_factory=dict)
+    #: Extra lines for the parameter card (e.g. the standard population of a rate).
+    notes: tuple[str, ...] = ()
+    #: The kind's own suppression rule for the card, when it is not the cell rule.
+    suppression: str = ""
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,19 @@ class Release:
     lower: pd.DataFrame
     upper: pd.DataFrame
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def curves(self) -> pd.DataFrame | None:
+        """Survival releases: curves by grid time (rows, months) with columns ``(quantity,
+        stratum)``, quantity one of survival, lower, upper, at_risk; hidden values and hidden
+        strata are NaN. None for other query kinds."""
+        return self.extras.get("curves")
+
+    @property
+    def logrank(self) -> Any:
+        """Survival releases: the log-rank test across shown strata, computed from the noisy
+        counts (a lifelines ``StatisticalResult``), or None."""
+        return self.extras.get("logrank")
 
     def display_table(self, hidden: str | None = None, intervals: bool = False) -> pd.DataFrame:
         """The table as text, hidden cells shown as ``"<k"`` (``"<5"`` by default); with
@@ -86,12 +103,16 @@ class Release:
         return self.display_table().to_csv()
 
     def to_json(self) -> str:
-        """Spec, card and released table: enough to reproduce and review the release."""
-        return json.dumps({
+        """Spec, card and released table (and curves, for survival): enough to reproduce and
+        review the release."""
+        out = {
             "spec": self.spec.to_dict(),
             "card": self.card.to_dict(),
             "table": json.loads(self.display_table().to_json(orient="split")),
-        }, default=str, sort_keys=True)
+        }
+        if self.curves is not None:
+            out["curves"] = json.loads(self.curves.to_json(orient="split"))
+        return json.dumps(out, default=str, sort_keys=True)
 
 
 def _fmt(value: object) -> str:
@@ -271,6 +292,11 @@ def _finish(table: pd.DataFrame, hidden: np.ndarray, lo: np.ndarray, hi: np.ndar
                          columns=table.columns).mask(mask)
     return Tables(table.mask(mask), mask, lower, upper, margins, postprocessing, extras or {})
 
+
+#: Public, non-patient inputs a kind's builder takes as keywords (e.g. population
+#: denominators); the enclave passes what was registered with it and refuses the query before
+#: any site works when an input is missing.
+PUBLIC_INPUTS: dict[str, tuple[str, ...]] = {}
 
 #: Table builders by query kind; later query kinds register theirs here.
 BUILDERS: dict[str, Builder] = {
