@@ -58,6 +58,10 @@ EPSILON_RANGE = (0.05, 10.0)
 #: interval, known exactly, so no Monte Carlo is needed.
 CELL_KINDS = frozenset({"count", "crosstab", "histogram"})
 
+#: Kinds whose released cells are hidden one by one when their noisy count is below k (for
+#: survival and rates, whole strata and curve ends are hidden instead).
+CELL_HIDING_KINDS = CELL_KINDS | {"mean"}
+
 
 # --------------------------------------------------------------------------- discrete Laplace
 
@@ -208,6 +212,13 @@ class Simulation:
     seconds: float = 0.0
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def column_errors(self) -> dict[str, float]:
+        """The 95% error of each released column, at its worst row (Monte Carlo)."""
+        if self.error95 is None or self.draws == 0:
+            return {}
+        worst = self.error95.max(skipna=True)
+        return {str(c): float(v) for c, v in worst.items() if not math.isnan(float(v))}
+
     @property
     def hidden_in_draw(self) -> int:
         """Table cells hidden in the simulated release (primary and secondary)."""
@@ -240,6 +251,13 @@ class Simulation:
                 f"have a noisy count below {self.k} and be hidden; in the simulated release "
                 f"{self.hidden_in_draw} of {self.table_cells} table cells are hidden "
                 "(including cells hidden to protect others from the totals).")
+        else:
+            lines.append(f"In the simulated release {self.hidden_in_draw} of "
+                         f"{self.table_cells} table values are hidden.")
+        errors = self.column_errors()
+        if errors:
+            lines.append(f"95% error over {self.draws} simulated releases (worst row): "
+                         + ", ".join(f"{c} ±{v:.3g}" for c, v in errors.items()) + ".")
         if self.curve_error95 is not None:
             lines.append(
                 f"Kaplan-Meier curve error: in 95% of {self.draws} simulated releases the "
@@ -292,7 +310,7 @@ def simulate(ref: PublicReference, spec: QuerySpec, epsilon: float, k: int,
         NoiseBlock(b.name, float(eps * b.budget_share), b.sensitivity, scales[b.name],
                    privacy.noise_sd(scales[b.name]), intervals[b.name], b.size,
                    float(probability_hidden(exact[b.name], k, scales[b.name]).sum())
-                   if b.summand is None else None)
+                   if b.summand is None and spec.kind in CELL_HIDING_KINDS else None)
         for b in layout.blocks)
     builder = release.BUILDERS[spec.kind]
     extra = _builder_kwargs(spec.kind, ref)

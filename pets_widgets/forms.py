@@ -57,6 +57,9 @@ FIELD_LABELS: Mapping[str, str] = MappingProxyType({
     "subtype": "Rare subtype",
 })
 
+#: Filters left out per kind: a survival analysis is not restricted by its own outcome.
+EXCLUDED_FILTERS: Mapping[str, tuple[str, ...]] = MappingProxyType({"survival": ("died",)})
+
 #: The year-range filter: a range slider rather than a multi-select.
 YEAR = "diagnosis_year"
 NONE_LABEL = "(none)"
@@ -182,7 +185,7 @@ def filter_variables(schema: S.Schema, kind: str) -> tuple[str, ...]:
     tumour group) are left out, so a value can never be given twice.
     """
     base = default_form(schema, kind)
-    own = set(KIND_FIELDS.get(kind, ()))
+    own = set(KIND_FIELDS.get(kind, ())) | set(EXCLUDED_FILTERS.get(kind, ()))
     out = []
     for name in schema.groupable:
         if name in own:

@@ -64,6 +64,7 @@ CSS = """
 .pw-site .pw-live { color: #1e8449; } .pw-site .pw-down { color: #c0392b; }
 .pw-download { margin-right: 14px; color: #1a5fb4; text-decoration: underline; }
 .pw-plot img { max-width: 100%; }
+.pw-years .widget-readout { max-width: none; min-width: 90px; }
 </style>
 """
 
@@ -88,6 +89,8 @@ def number(value: object) -> str:
             return "∞" if v > 0 else "-∞"
         if v.is_integer() and abs(v) >= 1:
             return str(int(v))
+        if abs(v) < 5e-5:
+            return "0"
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
     return str(value)
 
@@ -103,7 +106,8 @@ def _label(schema: S.Schema | None, name: object) -> str:
 
 def _cell_text(value: object, lo: object, hi: object, with_interval: bool) -> str:
     text = esc(number(value))
-    if with_interval and text and number(lo) and number(hi):
+    exact = number(lo) == number(hi) == number(value)  # e.g. public denominators: no noise
+    if with_interval and text and number(lo) and number(hi) and not exact:
         text += f' <span class="pw-ci">({esc(number(lo))}–{esc(number(hi))})</span>'
     return text
 
@@ -163,13 +167,22 @@ def _th(col: object) -> str:
     return f"<th{cls}>{esc(number(col) if not isinstance(col, str) else col)}</th>"
 
 
+_HIDDEN_WHY = {
+    "": "its noisy value was below k={k}, or it was hidden so that another hidden cell "
+        "cannot be worked out from the totals.",
+    "mean": "fewer than k={k} patients (noisy count) in the group.",
+    "survival": "the stratum has too few patients (noisy), or fewer than k={k} remain at "
+                "risk at that time.",
+}
+
+
 def legend_html(release: Release, intervals: bool | None = None) -> str:
     """What ``<k``, bold totals and the bracketed intervals mean."""
     k = release.card.k
     n_hidden = int(np.asarray(release.suppressed, dtype=bool).sum())
-    parts = [f"<b>&lt;{k}</b>: hidden ({n_hidden} cell{'s' if n_hidden != 1 else ''} here): "
-             f"its noisy value was below k={k}, or it was hidden so that another hidden "
-             "cell cannot be worked out from the totals."]
+    why = _HIDDEN_WHY.get(release.spec.kind, _HIDDEN_WHY[""]).format(k=k)
+    parts = [f"<b>&lt;{k}</b>: hidden ({n_hidden} value{'s' if n_hidden != 1 else ''} here): "
+             f"{why}"]
     if TOTAL in _all_labels(release.table):
         parts.append("<b>Total</b>: sums of the released noisy cells (no extra budget).")
     if intervals or (intervals is None and release.spec.kind in INTERVAL_KINDS):
@@ -200,12 +213,12 @@ def card_html(card: ParameterCard) -> str:
                 f"numbers below {card.k} are hidden.")
     items = [
         f"<li><b>Noise</b>: {esc(card.mechanism)}. {noise}.</li>",
-        f"<li><b>Hidden cells</b>: {esc(card.suppression_rule)}.</li>",
+        f"<li><b>Hidden cells</b>: {esc(_sentence(card.suppression_rule))}</li>",
     ]
     if card.margins:
-        items.append(f"<li><b>Totals</b>: {esc(card.margins)}.</li>")
+        items.append(f"<li><b>Totals</b>: {esc(_sentence(card.margins))}</li>")
     if card.postprocessing:
-        items.append(f"<li><b>After the noise</b>: {esc(card.postprocessing)}.</li>")
+        items.append(f"<li><b>After the noise</b>: {esc(_sentence(card.postprocessing))}</li>")
     if card.repeated:
         items.append("<li><b>Asked before</b>: the stored release was returned and nothing "
                      "was spent.</li>")
@@ -221,6 +234,11 @@ def card_html(card: ParameterCard) -> str:
     return (f'<div class="pw-card"><div>{headline}</div><ul>{"".join(items)}</ul>'
             f"<details><summary>Full parameter card</summary><pre>{details}</pre></details>"
             "</div>")
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text if text.endswith((".", "!", "?")) else text + "."
 
 
 def budget_html(budget: audit.Budget, policy: Any | None = None) -> str:

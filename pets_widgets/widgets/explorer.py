@@ -116,8 +116,7 @@ class EpsilonExplorer(W.VBox):
         self.summary.value = _summary_html(sim)
         self.table.value = ('<div class="pw-note"><b>One simulated release</b> (public '
                             "synthetic data, with 95% noise intervals):</div>"
-                            + render.release_html(sim.release, self.fed.schema, intervals=True)
-                            + _error_html(sim))
+                            + render.release_html(sim.release, self.fed.schema, intervals=True))
         self.figure.value = render.figure_html(explore.noise_figure(sim.blocks),
                                                alt="noise distribution",
                                                css_class="pw-plot pw-noise-plot", tight=False)
@@ -139,21 +138,21 @@ def _summary_html(sim: explore.Simulation) -> str:
             f"hidden; in the simulated release below, {sim.hidden_in_draw} of "
             f"{sim.table_cells} table cells are hidden (including cells hidden to protect "
             "others from the totals).</li>")
+    else:
+        items.append(f"<li>In the simulated release below, {sim.hidden_in_draw} of "
+                     f"{sim.table_cells} values are hidden.</li>")
+    errors = sim.column_errors()
     if sim.curve_error95 is not None:
+        marks = ", ".join(f"±{v:.2g} at {c}" for c, v in errors.items() if c != "patients")
         items.append(
-            f'<li><span class="pw-curve-error">Kaplan-Meier curve error: ±'
-            f"{sim.curve_error95:.3f}</span> (95% of {sim.draws} simulated curves stay this "
-            "close to the noiseless curve at their worst time point).</li>")
+            f'<li><span class="pw-curve-error">Kaplan-Meier curve error</span>: in 95% of '
+            f"{sim.draws} simulated releases the survival estimate stays within {marks} "
+            f"(worst stratum), and within ±{sim.curve_error95:.2g} at the worst point of "
+            "the curve.</li>")
+    elif errors:
+        items.append(f"<li>95% error of the released values over {sim.draws} simulated "
+                     "releases (worst row): " + ", ".join(
+                         f"{render.esc(c)} ±{v:.3g}" for c, v in errors.items()) + ".</li>")
     notes = "".join(f'<div class="pw-warning">{render.esc(n)}</div>' for n in sim.notes)
     return (f'<div class="pw-explorer-result"><b>At ε = {sim.epsilon:.3g} and k = {sim.k}'
             f"</b> (simulated, no budget spent):<ul>{''.join(items)}</ul>{notes}</div>")
-
-
-def _error_html(sim: explore.Simulation) -> str:
-    if sim.error95 is None or sim.draws == 0:
-        return ""
-    worst = float(sim.error95.max(skipna=True).max(skipna=True))
-    if math.isnan(worst):
-        return ""
-    return (f'<div class="pw-note">Largest 95% error of a released value over {sim.draws} '
-            f"simulated releases: ±{worst:.3g}.</div>")

@@ -72,13 +72,16 @@ class QueryBuilder(W.VBox):
         self.filters: dict[str, W.SelectMultiple] = {}
         for name in self.schema.groupable:
             opts = forms.filter_options(self.schema, name)
+            label = self.schema[name].label.split(" (")[0]
             self.filters[name] = classed(
                 W.SelectMultiple(options=opts, value=(), rows=min(len(opts), 4),
-                                 description=self.schema[name].label, style=_WIDE),
+                                 description=label, style={"description_width": "130px"},
+                                 layout=W.Layout(width="350px")),
                 "pw-filter", f"pw-filter-{name.replace('_', '-')}")
         lo, hi = forms.year_bounds(self.schema)
         self.years = classed(W.IntRangeSlider(value=(lo, hi), min=lo, max=hi,
-                                              description="Years", style=_WIDE,
+                                              description="Years of diagnosis",
+                                              style={"description_width": "130px"},
                                               continuous_update=False), "pw-years")
         filter_box = W.VBox([html('<span class="pw-note">Nothing selected = everyone.</span>'),
                              self.years, *self.filters.values()])
@@ -265,9 +268,9 @@ class QueryBuilder(W.VBox):
                 if rel.card.repeated else "Released.")
         self.message.value = render.info_html(note, "pw-info")
         self.table.value = render.release_html(rel, self.schema, intervals)
-        self.plot.value = render.plot_html(rel)
         self.card.value = render.card_html(rel.card)
         self.downloads.value = render.download_html(rel)
+        self.plot.value = render.plot_html(rel)  # the slowest piece comes last
 
     def show_budget(self) -> None:
         """Refresh the budget line for the analyst named in the form."""
