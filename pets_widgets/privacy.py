@@ -245,6 +245,10 @@ def feasible_ranges(table: np.ndarray, hidden: np.ndarray,
             lp.changeObjectiveSense(sense)
             lp.run()
             status = lp.getModelStatus()
+            if status not in unbounded and status != highspy.HighsModelStatus.kOptimal:
+                lp.clearSolver()  # a warm start can end undecided; solve from scratch
+                lp.run()
+                status = lp.getModelStatus()
             if status in unbounded:
                 found.append(math.inf)
             elif status == highspy.HighsModelStatus.kOptimal:

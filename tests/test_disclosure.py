@@ -220,3 +220,16 @@ def test_released_crosstabs_resist_the_linear_programming_attacker(fresh_fed, wh
     assert ((upper - lower)[hidden] >= fresh_fed.policy.protection).all()
     assert "secondary" in release.card.suppression_rule
     assert "post-processing" in release.card.margins
+
+
+def test_regression_highs_warm_start_ending_unknown_is_solved_again():
+    """HiGHS once ended a warm-started solve with status 'Unknown' on this table."""
+    cells = np.array([[3, 0, 0, 3], [0, 0, 1, 2], [5, 3, 5, 5], [2, 2, 5, 0]])
+    table = np.zeros((5, 5))
+    table[:-1, :-1] = cells
+    table[:-1, -1] = cells.sum(1)
+    table[-1, :-1] = cells.sum(0)
+    table[-1, -1] = cells.sum()
+    hidden = secondary_suppression(table, primary_suppression(table, 5), protection=5)
+    lower, upper = feasible_ranges(table, hidden)
+    assert ((upper - lower)[hidden] >= 5).all()
