@@ -47,7 +47,8 @@ CSS = """
 <style>
 .pw-root .widget-html-content { line-height: 1.45; }
 .pw-table { border-collapse: collapse; font-size: 13px; margin: 4px 0; }
-.pw-table th, .pw-table td { border: 1px solid #ddd; padding: 2px 8px; text-align: right; }
+.pw-table th, .pw-table td { border: 1px solid #ddd; padding: 2px 8px; text-align: right;
+                             white-space: nowrap; }
 .pw-table th { background: #f6f6f6; }
 .pw-table td.pw-hidden { color: #8a6d3b; background: #fcf8e3; font-style: italic; }
 .pw-table td.pw-total, .pw-table th.pw-total { font-weight: bold; }

@@ -24,7 +24,8 @@ expect = playwright.expect
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "notebooks" / "dashboard.ipynb"
-VIEWPORT = {"width": 1300, "height": 1000}
+# Voila scrolls inside the page, so a screenshot shows the viewport: make it tall
+VIEWPORT = {"width": 1300, "height": 1500}
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +130,7 @@ def test_survival_by_clicking(page, shots):
     if not hasattr(pw, "Survival"):
         pytest.skip("survival analysis (issue 5) is not merged yet")
     page.locator(".pw-kind select").select_option(label="Survival (Kaplan-Meier)")
-    labels = page.locator(".pw-preset select option").all_inner_texts()
-    assert len(labels) == len(pw.presets.names())
+    expect(page.locator(".pw-preset select option")).to_have_count(len(pw.presets.names()))
     page.locator(".pw-preset select").select_option(label="By tumour group (ICCC-3)")
     run_query(page)
     table = page.locator(".pw-table-area table.pw-table")
@@ -154,6 +154,10 @@ def test_epsilon_slider_changes_the_interval(page, shots):
     expect(page.locator(".pw-explorer-summary")).to_contain_text("no budget spent")
     after = int(re.search(r"±(\d+)", summary.inner_text()).group(1))
     assert after > int(re.search(r"±(\d+)", before).group(1))
+    shown = page.locator(".pw-explorer-summary b").first.inner_text()  # "At ε = 0.16 and k = 5"
+    epsilon = re.search(r"ε = ([0-9.]+)", shown).group(1)
+    img = page.locator(".pw-noise-plot img")
+    expect(img).to_have_attribute("alt", f"noise distribution at epsilon {float(epsilon):g}")
     page.wait_for_function("() => { const i = document.querySelector('.pw-noise-plot img');"
                            " return i && i.complete && i.naturalWidth > 0; }")
     page.screenshot(path=str(shots / "dashboard-explorer.png"), full_page=True)

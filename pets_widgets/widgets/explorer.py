@@ -113,15 +113,17 @@ class EpsilonExplorer(W.VBox):
             return
         self.simulation = sim
         self._stale = False
-        self.summary.value = _summary_html(sim)
-        self.table.value = ('<div class="pw-note"><b>One simulated release</b> (public '
-                            "synthetic data, with 95% noise intervals):</div>"
-                            + render.release_html(sim.release, self.fed.schema, intervals=True))
-        self.figure.value = render.figure_html(explore.noise_figure(sim.blocks),
-                                               alt="noise distribution",
-                                               css_class="pw-plot pw-noise-plot", tight=False)
-        self.plot.value = (render.plot_html(sim.release)
-                           if sim.spec.kind == "survival" else "")
+        # build every piece first, then show them together (the figure is the slow part)
+        summary = _summary_html(sim)
+        table = ('<div class="pw-note"><b>One simulated release</b> (public synthetic data, '
+                 "with 95% noise intervals):</div>"
+                 + render.release_html(sim.release, self.fed.schema, intervals=True))
+        figure = render.figure_html(explore.noise_figure(sim.blocks),
+                                    alt=f"noise distribution at epsilon {sim.epsilon:g}",
+                                    css_class="pw-plot pw-noise-plot", tight=False)
+        plot = render.plot_html(sim.release) if sim.spec.kind == "survival" else ""
+        self.summary.value, self.table.value = summary, table
+        self.figure.value, self.plot.value = figure, plot
 
 
 def _summary_html(sim: explore.Simulation) -> str:

@@ -266,11 +266,13 @@ class QueryBuilder(W.VBox):
         intervals = True if self.intervals.value else None
         note = ("Asked before: the stored release is shown and nothing was spent."
                 if rel.card.repeated else "Released.")
-        self.message.value = render.info_html(note, "pw-info")
-        self.table.value = render.release_html(rel, self.schema, intervals)
-        self.card.value = render.card_html(rel.card)
-        self.downloads.value = render.download_html(rel)
-        self.plot.value = render.plot_html(rel)  # the slowest piece comes last
+        # build every piece first, then show them together (the plot is the slow part)
+        pieces = (render.info_html(note, "pw-info"),
+                  render.release_html(rel, self.schema, intervals), render.plot_html(rel),
+                  render.card_html(rel.card), render.download_html(rel))
+        for area, html_text in zip((self.message, self.table, self.plot, self.card,
+                                    self.downloads), pieces, strict=True):
+            area.value = html_text
 
     def show_budget(self) -> None:
         """Refresh the budget line for the analyst named in the form."""
