@@ -84,5 +84,5 @@ def test_binder_installs_the_package_and_the_readme_gives_the_voila_path():
     readme = (root / "README.md").read_text()
     assert "urlpath=voila%2Frender%2Fnotebooks%2Fdashboard.ipynb" in readme
     assert "voila/render/notebooks/dashboard.ipynb" in readme
-    for shot in ("crosstab", "survival", "explorer", "audit"):
+    for shot in ("crosstab", "histogram", "survival", "explorer", "audit"):
         assert (root / "docs" / "screenshots" / f"dashboard-{shot}.png").is_file(), shot
