@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 playwright = pytest.importorskip("playwright.sync_api")
 expect = playwright.expect
+expect.set_options(timeout=60_000)  # a shared, loaded machine: plots can take seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "notebooks" / "dashboard.ipynb"

@@ -248,10 +248,9 @@ class QueryBuilder(W.VBox):
             self.progress.finish(False)
             self.message.value = render.error_html(exc)
         else:
-            repeated = self.release.card.repeated
-            self.progress.finish(True, "stored release returned (nothing spent)"
-                                 if repeated else "released")
             self._show_release()
+            self.progress.finish(True, "stored release returned (nothing spent)"
+                                 if self.release.card.repeated else "released")
         finally:
             self.run_button.disabled = False
             self.show_budget()
