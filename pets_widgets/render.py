@@ -374,17 +374,29 @@ def info_html(text: str, cls: str = "pw-info") -> str:
 # --------------------------------------------------------------------------- status, audit
 
 
+def _present(value: object) -> Any:
+    """``value``, or None when it is missing (None, NaN, NA); numpy booleans as bool."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
 def status_html(status: pd.DataFrame, title: str = "Sites") -> str:
     """One badge per site: name, backend, liveness, rounded size."""
     badges = []
     for site, row in status.iterrows():
-        alive = row.get("alive")
-        if alive is None or (isinstance(alive, float) and math.isnan(alive)):
+        alive = _present(row.get("alive"))
+        down = alive is False or _present(row.get("state")) == "down"
+        detail = _present(row.get("detail"))
+        if down:
+            why = f": {esc(detail)}" if detail else ""
+            state = f'<span class="pw-down">● offline{why}</span>'
+        elif alive is None:
             state = '<span class="pw-unknown">status unknown</span>'
-        elif bool(alive):
-            state = '<span class="pw-live">● online</span>'
         else:
-            state = '<span class="pw-down">● offline</span>'
+            state = '<span class="pw-live">● online</span>'
         rows = row.get("rows")
         size = ""
         if rows is not None and not (isinstance(rows, float) and math.isnan(rows)):

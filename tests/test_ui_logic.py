@@ -12,6 +12,7 @@ from dataclasses import replace
 from fractions import Fraction
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import pets_widgets as pw
@@ -219,6 +220,11 @@ def test_audit_and_status_html(fed, crosstab_release):
     assert render.audit_html(fed.audit_log("nobody")).startswith('<div class="pw-note">')
     status = render.status_html(fed.status())
     assert "NDRS" in status and "online" in status and "about 3,000 patients" in status
+    down = pd.DataFrame({"backend": ["kernel", "kernel"], "alive": [True, False],
+                         "rows": [3000, None], "state": ["up", "down"],
+                         "detail": ["", "kernel died (exit -9)"]}, index=["A", "B"])
+    text = render.status_html(down)
+    assert text.count("● online") == 1 and "● offline: kernel died (exit -9)" in text
 
 
 def test_numbers_print_plainly():
