@@ -10,6 +10,9 @@ One import is all a user needs::
     km.table, km.curves, km.logrank, pw.plots.plot(km)
     fed.run(pw.IncidenceRate(by="tumour_group"))          # cases per million person-years
 
+    fed = pw.Federation.from_config("sites.toml")   # sites as kernels, or behind gateways
+    fed.status()
+
 Approved query specs run inside each site; only Paillier-encrypted aggregates leave; an
 attested enclave decrypts the sum, adds exact discrete Laplace noise and hides small cells.
 """
@@ -24,6 +27,8 @@ from pets_widgets.enclave import Enclave
 from pets_widgets.errors import (
     AttestationError,
     BudgetExceeded,
+    ConfigError,
+    DataValidationError,
     IntegrityError,
     PetsError,
     QueryRefused,
@@ -48,10 +53,11 @@ from pets_widgets.schema import Schema, default_schema
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttestationError", "BudgetExceeded", "Count", "Crosstab", "Enclave", "Federation",
-    "Histogram", "IncidenceRate", "IntegrityError", "Ledger", "Mean", "ParameterCard",
-    "PetsError", "Policy", "QueryRefused", "QuerySpec", "QueryValidationError", "Release",
-    "Schema", "SiteError", "Survival", "default_schema", "demo_federation", "spec_from_json",
+    "AttestationError", "BudgetExceeded", "ConfigError", "Count", "Crosstab",
+    "DataValidationError", "Enclave", "Federation", "Histogram", "IncidenceRate",
+    "IntegrityError", "Ledger", "Mean", "ParameterCard", "PetsError", "Policy", "QueryRefused",
+    "QuerySpec", "QueryValidationError", "Release", "Schema", "SiteError", "Survival",
+    "default_schema", "demo_federation", "spec_from_json",
 ]
 
 # Submodules reached as attributes (pw.testing, pw.schema...) without being imported by the
@@ -59,7 +65,8 @@ __all__ = [
 # imported when a user reaches for pw.widgets.
 _LAZY = ("testing", "schema", "synthetic", "crypto", "privacy", "audit", "query", "site",
          "enclave", "federation", "release", "survival", "incidence", "standards", "presets",
-         "plots", "widgets", "forms", "progress", "render", "explore")
+         "plots", "sources", "config", "remote", "kernels", "gateway", "site_kernel", "widgets",
+         "forms", "progress", "render", "explore", "serve")
 
 
 def __getattr__(name: str) -> Any:

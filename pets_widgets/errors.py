@@ -6,7 +6,8 @@ floor was hit, not the size of the subset that hit it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 
 class PetsError(Exception):
@@ -74,6 +75,46 @@ class SiteAttestationError(SiteError, AttestationError):
 
 class SiteIntegrityError(SiteError, IntegrityError):
     """A site's reply was malformed, tampered with, or for another query or key."""
+
+
+@dataclass(frozen=True)
+class DataProblem:
+    """One problem in a registry file: the column, the 1-based data rows, and what is wrong.
+
+    ``rows`` is empty for a problem with a whole column (missing, unknown). The problem text
+    states the rule (allowed categories, bounds), never the offending value.
+    """
+
+    column: str
+    problem: str
+    rows: tuple[int, ...] = ()
+
+    def describe(self, max_rows: int = 10) -> str:
+        if not self.rows:
+            return f"column {self.column!r}: {self.problem}"
+        shown = ", ".join(str(r) for r in self.rows[:max_rows])
+        more = f" and {len(self.rows) - max_rows} more" if len(self.rows) > max_rows else ""
+        word = "row" if len(self.rows) == 1 else "rows"
+        return f"column {self.column!r}, {word} {shown}{more}: {self.problem}"
+
+
+class DataValidationError(PetsError, ValueError):
+    """A site's registry data does not match the schema. ``problems`` lists every bad column
+    and every bad value with its row number (1 = the first data row); no value is echoed."""
+
+    def __init__(self, source: str, problems: Sequence[DataProblem], site: str | None = None):
+        self.source = source
+        self.problems = tuple(problems)
+        self.site = site
+        where = f"site {site!r}: " if site else ""
+        n = len(self.problems)
+        lines = [f"{where}{source} does not match the schema ({n} problem{'s' * (n != 1)}):"]
+        lines += [f"  - {p.describe()}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+class ConfigError(PetsError, ValueError):
+    """A site configuration file is not valid; the message names the file, site and key."""
 
 
 class InternalError(PetsError, RuntimeError):

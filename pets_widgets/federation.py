@@ -54,14 +54,19 @@ class SiteBackend(Protocol):
 
 
 class LocalSite:
-    """A :class:`~pets_widgets.site.Site` object in this process (the fast default)."""
+    """A :class:`~pets_widgets.site.Site` object in this process (the fast default).
+
+    ``source`` is the data source the rows were loaded from, when there is one (sites built
+    from a configuration file); test oracles rebuild pooled rows from it.
+    """
 
     backend = "local"
 
-    def __init__(self, site: Site):
+    def __init__(self, site: Site, source: Any = None):
         self._site = site
         self.name = site.name
         self.verify_key = site.verify_key
+        self.source = source
 
     def challenge(self) -> str:
         return self._site.challenge()
@@ -73,7 +78,7 @@ class LocalSite:
         self._site.close()
 
     def status(self) -> dict[str, Any]:
-        return {"alive": True, "rows": self._site.rows_rounded}
+        return {"alive": True, "rows": self._site.rows_rounded, "state": "up", "detail": ""}
 
     @property
     def population(self) -> pd.DataFrame | None:
@@ -230,7 +235,9 @@ class Federation:
         return pd.DataFrame(rows, columns=columns)
 
     def status(self) -> pd.DataFrame:
-        """Each site's backend, liveness, size (rounded to 100) and signing-key fingerprint."""
+        """Each site's backend, liveness, size (rounded to 100), state (``up``, or ``down``
+        with the cause in ``detail``) and signing-key fingerprint, for the dashboard header.
+        Liveness is asked of the process or the gateway, not of the site's data."""
         records = []
         for site in self._sites:
             info = site.status() if hasattr(site, "status") else {"alive": None, "rows": None}
@@ -244,11 +251,29 @@ class Federation:
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     def close(self) -> None:
-        """Stop site processes, if any (local sites need nothing)."""
-        for site in self._sites:
-            closer = getattr(site, "close", None)
-            if closer is not None:
-                closer()
+        """Stop site kernels, if any, in parallel (local sites need nothing). Kernels are
+        also stopped at interpreter exit; closing twice is harmless."""
+        from pets_widgets.remote import close_sites
+
+        close_sites(self._sites)
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str], *,
+                    ledger: audit.Ledger | str | os.PathLike[str] | None = None,
+                    policy: Policy | None = None, key_bits: int | None = None,
+                    site_capacity: int | None = None) -> Federation:
+        """A federation of the sites listed in a TOML configuration file (see
+        :mod:`pets_widgets.config`), started in parallel: local, kernel or gateway sites.
+
+        ``ledger`` is the SQLite audit ledger (a temporary file when None); ``key_bits``
+        overrides the file's, which defaults to 2048. Raises :class:`ConfigError` for a bad
+        file, :class:`DataValidationError` for registry data that does not match the schema
+        and :class:`SiteError` naming a site that cannot be started or reached.
+        """
+        from pets_widgets.config import build_federation, load_config
+
+        return build_federation(load_config(path), ledger=ledger, policy=policy,
+                                key_bits=key_bits, site_capacity=site_capacity)
 
     def __enter__(self) -> Federation:
         return self
@@ -277,13 +302,29 @@ def demo_federation(seed: int = 7, n_sites: int = 2, rows_per_site: int | None =
                     site_capacity: int = crypto.DEFAULT_SITE_CAPACITY) -> Federation:
     """A federation of synthetic registries: NDRS and NCI by default, seeded and realistic.
 
+    ``backend="local"`` keeps the sites in this process; ``backend="kernel"`` starts each
+    site in its own Jupyter kernel (in parallel), which generates its rows itself; both
+    give the same rows for the same seed. Close a kernel federation with ``fed.close()``
+    or a ``with`` block (it is also closed at interpreter exit).
     ``ledger`` is the SQLite file of the audit log and budget (a temporary file when None).
     Each site is enrolled with the measurement of an enclave running this code and
     ``policy``: a quietly changed policy is refused at attestation.
     """
-    if backend != "local":
-        raise QueryValidationError("backend", f"{backend!r} is not available here", ["local"])
+    if backend not in ("local", "kernel"):
+        raise QueryValidationError("backend", f"{backend!r} is not available for the demo "
+                                   "(gateway sites need a configuration file: "
+                                   "Federation.from_config)", ["local", "kernel"])
     policy = policy or Policy()
+    if backend == "kernel":
+        from pets_widgets.config import build_federation, sites_of
+        from pets_widgets.sources import SyntheticSource
+
+        profiles = synthetic.profiles(n_sites, rows_per_site)
+        sources = [SyntheticSource(seed, rows_per_site, p.cases_per_year, p.loss_to_follow_up)
+                   for p in profiles]
+        config = sites_of([p.name for p in profiles], sources, "kernel")
+        return build_federation(config, ledger=ledger, policy=policy, key_bits=key_bits,
+                                site_capacity=site_capacity)
     schema = S.Schema(synthetic.site_names(n_sites))
     ledger_path = Path(ledger) if ledger is not None else _temporary_ledger()
     enclave = Enclave(schema, audit.Ledger(ledger_path), policy, key_bits, site_capacity)

@@ -71,13 +71,16 @@ BlockFunction = Callable[["Site", Block, np.ndarray], np.ndarray]
 class Site:
     """One registry: rows, population denominators, a signing key and an enrollment.
 
+    ``signing_key`` defaults to a fresh Ed25519 key.
+
     The public surface exposes no rows and no plaintext aggregate: only the site's name,
     its verify key, a rounded size, its public denominators and :meth:`respond`.
     """
 
     def __init__(self, name: str, rows: pd.DataFrame, schema: S.Schema,
                  population: pd.DataFrame | None = None,
-                 capacity: int = crypto.DEFAULT_SITE_CAPACITY):
+                 capacity: int = crypto.DEFAULT_SITE_CAPACITY,
+                 signing_key: crypto.SigningKey | None = None):
         if name not in schema.sites:
             raise ValueError(f"site {name!r} is not in the federation's schema {schema.sites}")
         missing = [c for c in schema.names if c not in rows.columns]
@@ -91,7 +94,9 @@ class Site:
         self._rows = rows.reset_index(drop=True)
         self._codes: dict[str, np.ndarray] = {}
         self._population = population
-        self._signing_key = crypto.SigningKey()
+        # A site's long-term identity; a fresh one unless the site keeps it (e.g. a key file
+        # read inside a site kernel, so a restarted kernel signs with the registered key).
+        self._signing_key = signing_key or crypto.SigningKey()
         self.verify_key = self._signing_key.public
         self._enrollment: Enrollment | None = None
         self._challenges: set[str] = set()

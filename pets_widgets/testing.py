@@ -1,9 +1,10 @@
 """Test-only doors: exact totals, pooled rows and a seeded noise sampler.
 
 Nothing in pets_widgets imports this module, the widgets cannot reach it, and it is the
-only way to get noiseless totals or patient rows out of a federation. It exists so every
-statistical output has an oracle: with noise off, a federated result must equal the same
-computation on the pooled rows.
+only way to get noiseless totals or patient rows out of a federation (rows of kernel and
+gateway sites are never asked of the sites: they are rebuilt from each site's declared
+source). It exists so every statistical output has an oracle: with noise off, a federated
+result must equal the same computation on the pooled rows.
 """
 
 from __future__ import annotations
@@ -38,13 +39,24 @@ def noiseless(fed: Federation, spec: QuerySpec) -> Release:
     return enclave._release_exact(admission, aggregates, summed)
 
 
+def site_rows(fed: Federation, site: object) -> pd.DataFrame:
+    """One site's patient rows, for the test oracle only.
+
+    Kernel and gateway sites never send rows: they are rebuilt here, in the test process,
+    from the site's declared source (the synthetic seed and size, the CSV or Parquet file,
+    the SQL database), exactly as the site kernel loaded them.
+    """
+    source = getattr(site, "source", None)
+    if source is not None:
+        return source.load(fed.schema, site.name, fed.enclave.site_capacity)  # type: ignore[attr-defined]
+    if isinstance(site, LocalSite):
+        return site._site._rows
+    raise TypeError(f"{site!r} declares no source to rebuild its rows from")
+
+
 def pooled_rows(fed: Federation) -> pd.DataFrame:
     """All sites' patient rows in one DataFrame (the test oracle's input)."""
-    frames = []
-    for site in fed._sites:
-        rows = site._site._rows if isinstance(site, LocalSite) else site._test_rows()
-        frames.append(rows)
-    pooled = pd.concat(frames, ignore_index=True)
+    pooled = pd.concat([site_rows(fed, site) for site in fed._sites], ignore_index=True)
     for name in fed.schema.names:
         var = fed.schema[name]
         if var.is_categorical and var.kind.value == "categorical":
