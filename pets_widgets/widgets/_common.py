@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -94,6 +95,7 @@ class ProgressPanel(W.VBox):
 
     def __init__(self, sites: tuple[str, ...]):
         self.model = ProgressModel.for_sites(sites)
+        self._lock = threading.Lock()  # parallel backends report from worker threads
         self.overall = classed(W.FloatProgress(value=0.0, min=0.0, max=1.0,
                                                description="Query", bar_style="info"),
                                "pw-progress-overall")
@@ -125,8 +127,9 @@ class ProgressPanel(W.VBox):
         self._draw()
 
     def callback(self, stage: str, site: str | None, fraction: float) -> None:
-        self.model.update(stage, site, fraction)
-        self._draw()
+        with self._lock:
+            self.model.update(stage, site, fraction)
+            self._draw()
 
     def finish(self, ok: bool, text: str | None = None) -> None:
         self.model.finish(ok, text)
