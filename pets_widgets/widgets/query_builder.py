@@ -7,6 +7,7 @@ refusals); the same functions are unit-tested headless.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -284,8 +285,7 @@ class QueryBuilder(W.VBox):
 
 
 def _hub_user() -> str | None:
-    import os
-
+    """The signed-in JupyterHub user, who is the analyst and cannot be renamed."""
     return os.environ.get("JUPYTERHUB_USER") or None
 
 
