@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pets_widgets as pw  # noqa: E402
-from tests.kernel_helpers import kernel_gateway  # noqa: E402
+import pets_widgets as pw
+from tests.kernel_helpers import kernel_gateway
 
 SPEC = pw.Count(by=["tumour_group", "sex"])
 
