@@ -61,10 +61,12 @@ __all__ = [
 ]
 
 # Submodules reached as attributes (pw.testing, pw.schema...) without being imported by the
-# package itself: the test door stays closed unless a test opens it.
+# package itself: the test door stays closed unless a test opens it, and ipywidgets is only
+# imported when a user reaches for pw.widgets.
 _LAZY = ("testing", "schema", "synthetic", "crypto", "privacy", "audit", "query", "site",
          "enclave", "federation", "release", "survival", "incidence", "standards", "presets",
-         "plots", "sources", "config", "remote", "kernels", "gateway", "site_kernel")
+         "plots", "sources", "config", "remote", "kernels", "gateway", "site_kernel", "widgets",
+         "forms", "progress", "render", "explore", "serve")
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,5 @@
-"""Command line: ``python -m pets_widgets demo`` prints a released crosstab and its card."""
+"""Command line: ``python -m pets_widgets demo`` prints a released crosstab and its card;
+``python -m pets_widgets dashboard`` serves the dashboard with Voila on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -26,9 +27,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="print a released crosstab with its parameter card")
     p_demo.add_argument("--seed", type=int, default=7)
+    p_dash = sub.add_parser("dashboard", help="serve the dashboard with Voila on 127.0.0.1 "
+                            "and print its URL")
+    p_dash.add_argument("--port", type=int, default=None,
+                        help="port on 127.0.0.1 (default 8866, or a free one if taken)")
+    p_dash.add_argument("--notebook", default=None, help="notebook to serve "
+                        "(default notebooks/dashboard.ipynb)")
+    p_dash.add_argument("--no-preheat", action="store_true",
+                        help="do not keep a kernel warm for the next visitor")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.seed)
+    elif args.command == "dashboard":
+        from pets_widgets.serve import serve
+
+        return serve(args.notebook, args.port, preheat=not args.no_preheat)
     return 0
 
 

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One entry point for people and CI. Sets up everything it needs (idempotent; a second run
 # takes a second or two), then runs one job:
+#   bash scripts/dev.sh dashboard   serve the dashboard with Voila on 127.0.0.1, print its URL
+#                                   (extra ARGS: --port N, --notebook PATH, --no-preheat)
 #   bash scripts/dev.sh demo        print a released crosstab with its parameter card
-#   bash scripts/dev.sh test [ARGS] run the whole test suite (extra ARGS go to pytest)
+#   bash scripts/dev.sh test [ARGS] run the whole test suite, notebooks and browser included
+#                                   (extra ARGS go to pytest)
 #   bash scripts/dev.sh lint        ruff
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,9 +40,14 @@ setup_chromium() {
   command -v chromium >/dev/null 2>&1 || apt_install chromium
 }
 
-job=${1:-demo}
+job=${1:-dashboard}
 shift || true
 case "$job" in
+  dashboard)
+    setup_python
+    # Never export MPLBACKEND=Agg: figures would vanish from the dashboard's kernels.
+    unset MPLBACKEND
+    exec .venv/bin/python -m pets_widgets dashboard "$@" ;;
   demo)
     setup_python
     exec .venv/bin/python -m pets_widgets demo "$@" ;;
@@ -53,5 +61,5 @@ case "$job" in
     setup_python
     exec .venv/bin/ruff check pets_widgets tests "$@" ;;
   *)
-    echo "usage: bash scripts/dev.sh {demo|test|lint} [args]" >&2; exit 2 ;;
+    echo "usage: bash scripts/dev.sh {dashboard|demo|test|lint} [args]" >&2; exit 2 ;;
 esac
