@@ -37,7 +37,7 @@ from pets_widgets.errors import (
     QueryValidationError,
     SiteIntegrityError,
 )
-from pets_widgets.query import Layout, QuerySpec
+from pets_widgets.query import Layout, QuerySpec, structural_zeros
 from pets_widgets.release import BUILDERS, PUBLIC_INPUTS, NoisyBlocks, Release
 
 #: Modules whose source makes up the enclave's measured code.
@@ -438,7 +438,7 @@ class Enclave:
             raise
         refusal: QueryRefused | None = None
         try:
-            noisy = self._noisy(admission.layout, eps, totals)
+            noisy = self._noisy(admission.layout, eps, totals, spec.where)
             refusal = self._subset_refusal(admission, noisy)
             if refusal is None:
                 release = self._build(admission, noisy, suppress=True)
@@ -480,21 +480,30 @@ class Enclave:
     def _scale(sensitivity: int, eps: Fraction, share: Fraction) -> Fraction:
         return Fraction(sensitivity) / (eps * share)
 
-    def _noise_params(self, layout: Layout, eps: Fraction,
-                      values: Mapping[str, np.ndarray]) -> NoisyBlocks:
+    def _noise_params(self, layout: Layout, eps: Fraction, values: Mapping[str, np.ndarray],
+                      where: Mapping[str, tuple[object, ...]]) -> NoisyBlocks:
         scales = {b.name: self._scale(b.sensitivity, eps, b.budget_share) for b in layout.blocks}
         return NoisyBlocks(dict(values), {b: float(s) for b, s in scales.items()},
-                           {b: privacy.noise_interval(s) for b, s in scales.items()})
+                           {b: privacy.noise_interval(s) for b, s in scales.items()},
+                           structural_zeros(layout, where, self.schema))
 
-    def _noisy(self, layout: Layout, eps: Fraction,
-               totals: Mapping[str, np.ndarray]) -> NoisyBlocks:
-        """Discrete Laplace noise on every cell of every block, at the block's own scale."""
+    def _noisy(self, layout: Layout, eps: Fraction, totals: Mapping[str, np.ndarray],
+               where: Mapping[str, tuple[object, ...]] | None = None) -> NoisyBlocks:
+        """Discrete Laplace noise on every cell of every block, at the block's own scale.
+
+        Cells the schema's rules make impossible (structural zeros, e.g. a stage for a
+        leukaemia, or DIPG outside the CNS group) are then set to exactly zero: that is
+        post-processing with public knowledge, and it keeps pure noise out of tables."""
+        where = where or {}
+        impossible = structural_zeros(layout, where, self.schema)
         values = {}
         for block in layout.blocks:
             scale = self._scale(block.sensitivity, eps, block.budget_share)
-            noisy = self._mechanism.sample(totals[block.name].tolist(), scale)
-            values[block.name] = np.asarray(noisy, dtype=np.int64)
-        return self._noise_params(layout, eps, values)
+            noisy = np.asarray(self._mechanism.sample(totals[block.name].tolist(), scale),
+                               dtype=np.int64)
+            noisy[impossible[block.name]] = 0
+            values[block.name] = noisy
+        return self._noise_params(layout, eps, values, where)
 
     def _subset_refusal(self, admission: Admission, noisy: NoisyBlocks) -> QueryRefused | None:
         """The differencing defence: a filter must select at least ``min_subset`` patients,
@@ -517,7 +526,8 @@ class Enclave:
             rule, message = data["refused"]
             self._refuse(spec, eps, analyst, sites, QueryRefused(rule, message))
         values = {b: np.asarray(v, dtype=np.int64) for b, v in data["noisy"].items()}
-        release = self._build(admission, self._noise_params(admission.layout, eps, values),
+        release = self._build(admission, self._noise_params(admission.layout, eps, values,
+                                                            spec.where),
                               suppress=True, repeated=True)
         self.ledger.record(analyst=analyst, spec_hash=spec.hash, spec_json=spec.to_json(),
                            sites=sites, epsilon_asked=eps, outcome=audit.REPEATED,

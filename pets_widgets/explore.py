@@ -19,7 +19,7 @@ Example
 >>> from pets_widgets import explore
 >>> fed = pw.demo_federation()
 >>> ref = explore.PublicReference.for_federation(fed)
->>> sim = explore.simulate(ref, pw.Crosstab(rows="subtype", cols="stage"), epsilon=0.5, k=5)
+>>> sim = explore.simulate(ref, pw.Crosstab(rows="subtype", cols="age_band"), epsilon=0.5, k=5)
 >>> sim.blocks[0].interval95
 6
 """
@@ -39,7 +39,7 @@ import pandas as pd
 from pets_widgets import audit, privacy, release, synthetic
 from pets_widgets import schema as S
 from pets_widgets.privacy import ParameterCard, Policy
-from pets_widgets.query import QuerySpec
+from pets_widgets.query import QuerySpec, structural_zeros
 from pets_widgets.release import NoisyBlocks, Release
 from pets_widgets.site import Site
 
@@ -303,25 +303,31 @@ def simulate(ref: PublicReference, spec: QuerySpec, epsilon: float, k: int,
     schema = ref.schema
     layout = spec.layout(schema)
     exact = ref.cells(spec)
+    # As in the enclave: cells impossible by the schema's rules are exact zeros, never hidden.
+    impossible = structural_zeros(layout, spec.where, schema)
     scales = {b.name: float(block_scale(b.sensitivity, eps, b.budget_share))
               for b in layout.blocks}
     intervals = {b: privacy.noise_interval(s) for b, s in scales.items()}
     blocks = tuple(
         NoiseBlock(b.name, float(eps * b.budget_share), b.sensitivity, scales[b.name],
                    privacy.noise_sd(scales[b.name]), intervals[b.name], b.size,
-                   float(probability_hidden(exact[b.name], k, scales[b.name]).sum())
+                   float(probability_hidden(exact[b.name], k,
+                                            scales[b.name])[~impossible[b.name]].sum())
                    if b.summand is None and spec.kind in CELL_HIDING_KINDS else None)
         for b in layout.blocks)
     builder = release.BUILDERS[spec.kind]
     extra = _builder_kwargs(spec.kind, ref)
 
     def draw() -> dict[str, np.ndarray]:
-        return {b: exact[b] + sample_noise(exact[b].size, scales[b], rng) for b in exact}
+        return {b: np.where(impossible[b], 0, exact[b] + sample_noise(exact[b].size, scales[b],
+                                                                        rng))
+                for b in exact}
 
     def build(values: Mapping[str, np.ndarray], suppress: bool,
               noiseless: bool = False) -> release.Tables:
         noisy = NoisyBlocks(dict(values), {b: 0.0 if noiseless else s for b, s in scales.items()},
-                            {b: 0 if noiseless else a for b, a in intervals.items()})
+                            {b: 0 if noiseless else a for b, a in intervals.items()},
+                            impossible)
         return builder(spec, schema, layout, noisy, k, policy.protection, suppress, **extra)
 
     shown = build(draw(), suppress=True)

@@ -259,7 +259,8 @@ def feasible_ranges(table: np.ndarray, hidden: np.ndarray,
     return lower, upper
 
 
-def secondary_suppression(table: np.ndarray, hidden: np.ndarray, protection: int) -> np.ndarray:
+def secondary_suppression(table: np.ndarray, hidden: np.ndarray, protection: int,
+                          published: np.ndarray | None = None) -> np.ndarray:
     """Complementary suppression for a table with margins (last row and column).
 
     Adds hidden cells until every hidden cell's feasible range (see
@@ -270,7 +271,8 @@ def secondary_suppression(table: np.ndarray, hidden: np.ndarray, protection: int
     the protection width, preferring cells already hidden and avoiding margins; every choice
     is then checked exactly by linear programming. Hiding more cells only widens feasible
     ranges, so a protected cell stays protected and the loop ends. Decided on the noisy,
-    released values only: post-processing.
+    released values only: post-processing. Cells in ``published`` (structural zeros, known
+    to everyone) are never chosen: hiding them would protect nothing.
     """
     table = np.asarray(table, dtype=float)
     hidden = np.array(hidden, dtype=bool)
@@ -278,6 +280,7 @@ def secondary_suppression(table: np.ndarray, hidden: np.ndarray, protection: int
     penalty[-1, :] *= 10.0  # hiding a margin loses more than hiding a cell
     penalty[:, -1] *= 10.0
     cost = np.maximum(table, 1.0) * penalty
+    fixed = np.zeros(table.shape, bool) if published is None else np.asarray(published, bool)
     protected: set[tuple[int, int]] = set()
     while True:
         todo = [c for c in zip(*np.nonzero(hidden), strict=True) if c not in protected]
@@ -296,7 +299,7 @@ def secondary_suppression(table: np.ndarray, hidden: np.ndarray, protection: int
         for i, j in weak:
             if i in touched_rows or j in touched_cols:
                 continue
-            best = _best_rectangle(table, hidden, cost, (i, j), protection)
+            best = _best_rectangle(table, hidden, cost, (i, j), protection, fixed)
             if best is None:
                 continue
             for r, c in best:
@@ -307,12 +310,13 @@ def secondary_suppression(table: np.ndarray, hidden: np.ndarray, protection: int
         if not added:
             # Every rectangle through the weak cells is hidden already, yet they are still
             # too narrow: nothing short of hiding the whole table protects them.
-            hidden[:] = True
+            hidden[~fixed] = True
             return hidden
 
 
 def _best_rectangle(table: np.ndarray, hidden: np.ndarray, cost: np.ndarray,
-                    cell: tuple[int, int], protection: int) -> list[tuple[int, int]] | None:
+                    cell: tuple[int, int], protection: int,
+                    fixed: np.ndarray) -> list[tuple[int, int]] | None:
     """The cheapest set of cells to hide with ``cell`` so that one cycle of the table's
     additivity can move it by at least ``protection`` (or the widest such move)."""
     i, j = cell
@@ -323,6 +327,8 @@ def _best_rectangle(table: np.ndarray, hidden: np.ndarray, cost: np.ndarray,
             if i2 == i or j2 == j:
                 continue
             corners = [(i, j), (i, j2), (i2, j), (i2, j2)]
+            if any(fixed[c] for c in corners):
+                continue  # a known zero cannot move: no protection through it
             new = [c for c in corners[1:] if not hidden[c]]
             if not new:
                 continue

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from typing import Any, ClassVar
 
+import numpy as np
+
 from pets_widgets import schema as S
 from pets_widgets import standards
 from pets_widgets.errors import QueryValidationError
@@ -237,6 +239,48 @@ class Layout:
         return "; ".join(
             f"{b.name}[{' x '.join(d.name for d in b.dims) or 'all'}]={b.size}" for b in self.blocks
         )
+
+
+def structural_zeros(layout: Layout, where: Mapping[str, FilterValue],
+                     schema: S.Schema) -> dict[str, np.ndarray]:
+    """For each block, the cells no valid record can fall in, given the schema's rules on
+    linked variables (subtype within its tumour group, stage only where it applies, age
+    band from age, period from year) and the query's filter. Derived from public rules
+    only, so publishing these cells as exact zeros discloses nothing."""
+    out = {}
+    for block in layout.blocks:
+        possible = np.ones(block.shape, dtype=bool)
+        for names, combos in S.LINKED:
+            dims = [(axis, d) for axis, d in enumerate(block.dims) if d.name in names]
+            filtered = [n for n in names if n in where]
+            if not dims and not filtered:
+                continue
+            allowed = [c for c in combos if all(_admits(schema[n], where[n], c[names.index(n)])
+                                                for n in filtered)]
+            sub = np.zeros(tuple(d.size for _, d in dims), dtype=bool)
+            for combo in allowed:
+                hits = [[i for i in range(d.size) if _in_level(d, i, combo[names.index(d.name)])]
+                        for _, d in dims]
+                for index in itertools.product(*hits):
+                    sub[index] = True
+            shape = [1] * len(block.shape)
+            for axis, d in dims:
+                shape[axis] = d.size
+            possible &= sub.reshape(shape) if dims else bool(allowed)
+        out[block.name] = ~possible.reshape(-1)
+    return out
+
+
+def _admits(var: S.Variable, allowed: FilterValue, value: object) -> bool:
+    if var.kind is S.Kind.INTEGER:
+        return allowed[0] <= value <= allowed[1]  # type: ignore[operator]
+    return value in allowed
+
+
+def _in_level(dim: Dim, i: int, value: object) -> bool:
+    if dim.coding == "bins":
+        return dim.edges[i] <= value < dim.edges[i + 1]  # type: ignore[operator]
+    return dim.levels[i] == value
 
 
 _KINDS: dict[str, type[QuerySpec]] = {}

@@ -31,6 +31,14 @@ class NoisyBlocks:
     values: Mapping[str, np.ndarray]
     scales: Mapping[str, float]
     intervals: Mapping[str, int]
+    #: Per block, the cells impossible by the schema's rules (published as exact zeros).
+    structural: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    def impossible(self, block: str) -> np.ndarray:
+        """The structural-zero mask of a block (all False when none is known)."""
+        mask = self.structural.get(block)
+        return (np.zeros(len(self.values[block]), dtype=bool) if mask is None
+                else np.asarray(mask, dtype=bool))
 
 
 @dataclass(frozen=True)
@@ -190,16 +198,32 @@ MARGINS_DERIVED = ("row, column and grand totals are sums of the released noisy 
                    "(post-processing, no extra budget); their intervals use a normal "
                    "approximation, lowered by the bias of clamping cells at zero")
 CLAMPED = "noisy counts below zero set to zero"
+STRUCTURAL = ("; cells impossible by the schema's rules (e.g. a stage for leukaemia, DIPG "
+              "outside CNS tumours) shown as exact zeros, never hidden")
 
 
-def _protected_2d(cells: np.ndarray, k: int, protection: int,
-                  suppress: bool) -> tuple[np.ndarray, np.ndarray]:
+def _structural_2d(impossible: np.ndarray) -> np.ndarray:
+    """Structural zeros of a table with margins: a total is one when its whole line is."""
+    out = np.zeros((impossible.shape[0] + 1, impossible.shape[1] + 1), dtype=bool)
+    out[:-1, :-1] = impossible
+    out[:-1, -1] = impossible.all(axis=1)
+    out[-1, :-1] = impossible.all(axis=0)
+    out[-1, -1] = impossible.all()
+    return out
+
+
+def _protected_2d(cells: np.ndarray, k: int, protection: int, suppress: bool,
+                  impossible: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The table with margins, its hidden cells and its structural zeros. Structural zeros
+    are published (they are public knowledge), so they are never hidden, and they enter the
+    attacker's linear programme as the known zeros they are."""
     table = _with_margins(cells)
+    structural = _structural_2d(impossible)
     if not suppress:
-        return table, np.zeros(table.shape, dtype=bool)
-    hidden = privacy.primary_suppression(table, k)
-    hidden = privacy.secondary_suppression(table, hidden, protection)
-    return table, hidden
+        return table, np.zeros(table.shape, dtype=bool), structural
+    hidden = privacy.primary_suppression(table, k) & ~structural
+    hidden = privacy.secondary_suppression(table, hidden, protection, published=structural)
+    return table, hidden, structural
 
 
 # --------------------------------------------------------------------------- builders
@@ -217,17 +241,20 @@ def build_count(spec: Count, schema: S.Schema, layout: Layout, noisy: NoisyBlock
         return _count_two_way(spec, schema, block, cells, noisy, k, protection, suppress)
     index = _index(spec.by, schema)
     table = pd.DataFrame({"count": pd.array(cells, dtype="Int64")}, index=index)
-    hidden = privacy.primary_suppression(cells, k) if suppress else np.zeros(len(cells), bool)
+    impossible = noisy.impossible("count")
+    hidden = (privacy.primary_suppression(cells, k) & ~impossible if suppress
+              else np.zeros(len(cells), bool))
     lo, hi = _interval(cells, half)
     return _finish(table, hidden, lo, hi, margins="none released",
-                   postprocessing=CLAMPED)
+                   postprocessing=CLAMPED + STRUCTURAL, exact=impossible)
 
 
 def _count_two_way(spec: Count, schema: S.Schema, block: Block, cells: np.ndarray,
                    noisy: NoisyBlocks, k: int, protection: int, suppress: bool) -> Tables:
     a, b = spec.by
     grid = cells.reshape(block.shape)
-    table2, hidden2 = _protected_2d(grid, k, protection, suppress)
+    table2, hidden2, exact = _protected_2d(grid, k, protection, suppress,
+                                           noisy.impossible("count").reshape(block.shape))
     lo, hi = _margin_bounds(table2, noisy.scales["count"], noisy.intervals["count"])
     rows = [*schema[a].values, TOTAL]
     cols = [*schema[b].values, TOTAL]
@@ -235,8 +262,8 @@ def _count_two_way(spec: Count, schema: S.Schema, block: Block, cells: np.ndarra
     flat = table2.ravel()
     table = pd.DataFrame({"count": pd.array(flat, dtype="Int64")}, index=index)
     return _finish(table, hidden2.ravel(), lo.ravel(), hi.ravel(), margins=MARGINS_DERIVED,
-                   postprocessing=CLAMPED + "; complementary suppression so hidden cells "
-                   "cannot be recovered from the totals")
+                   postprocessing=CLAMPED + STRUCTURAL + "; complementary suppression so "
+                   "hidden cells cannot be recovered from the totals", exact=exact.ravel())
 
 
 def build_crosstab(spec: Crosstab, schema: S.Schema, layout: Layout, noisy: NoisyBlocks, k: int,
@@ -245,16 +272,17 @@ def build_crosstab(spec: Crosstab, schema: S.Schema, layout: Layout, noisy: Nois
     grid = np.maximum(noisy.values["count"], 0).reshape(block.shape)
     # Suppression is decided in the canonical (layout) orientation, then the table is
     # transposed for display: asking with rows and columns swapped shows the same hidden cells.
-    table2, hidden2 = _protected_2d(grid, k, protection, suppress)
+    table2, hidden2, exact = _protected_2d(grid, k, protection, suppress,
+                                           noisy.impossible("count").reshape(block.shape))
     lo, hi = _margin_bounds(table2, noisy.scales["count"], noisy.intervals["count"])
     if block.dims[0].name != spec.rows:
-        table2, hidden2, lo, hi = table2.T, hidden2.T, lo.T, hi.T
+        table2, hidden2, lo, hi, exact = table2.T, hidden2.T, lo.T, hi.T, exact.T
     index = pd.Index([*schema[spec.rows].values, TOTAL], name=spec.rows)
     columns = pd.Index([*schema[spec.cols].values, TOTAL], name=spec.cols)
     table = pd.DataFrame(table2, index=index, columns=columns).astype("Int64")
     return _finish(table, hidden2, lo, hi, margins=MARGINS_DERIVED,
-                   postprocessing=CLAMPED + "; complementary suppression so hidden cells "
-                   "cannot be recovered from the totals")
+                   postprocessing=CLAMPED + STRUCTURAL + "; complementary suppression so "
+                   "hidden cells cannot be recovered from the totals", exact=exact)
 
 
 def build_histogram(spec: Histogram, schema: S.Schema, layout: Layout, noisy: NoisyBlocks,
@@ -263,10 +291,13 @@ def build_histogram(spec: Histogram, schema: S.Schema, layout: Layout, noisy: No
     cells = np.maximum(noisy.values["count"], 0)
     index = pd.Index(list(dim.levels), name=f"{spec.variable} ({schema[spec.variable].unit})")
     table = pd.DataFrame({"count": pd.array(cells, dtype="Int64")}, index=index)
-    hidden = privacy.primary_suppression(cells, k) if suppress else np.zeros(len(cells), bool)
+    impossible = noisy.impossible("count")
+    hidden = (privacy.primary_suppression(cells, k) & ~impossible if suppress
+              else np.zeros(len(cells), bool))
     lo, hi = _interval(cells, noisy.intervals["count"])
-    return _finish(table, hidden, lo, hi, margins="none released", postprocessing=CLAMPED,
-                   extras={"edges": dim.edges})
+    return _finish(table, hidden, lo, hi, margins="none released",
+                   postprocessing=CLAMPED + STRUCTURAL, extras={"edges": dim.edges},
+                   exact=impossible)
 
 
 def build_mean(spec: Mean, schema: S.Schema, layout: Layout, noisy: NoisyBlocks, k: int,
@@ -302,8 +333,13 @@ def build_mean(spec: Mean, schema: S.Schema, layout: Layout, noisy: NoisyBlocks,
 
 
 def _finish(table: pd.DataFrame, hidden: np.ndarray, lo: np.ndarray, hi: np.ndarray, *,
-            margins: str, postprocessing: str, extras: dict[str, Any] | None = None) -> Tables:
+            margins: str, postprocessing: str, extras: dict[str, Any] | None = None,
+            exact: np.ndarray | None = None) -> Tables:
     hidden = np.asarray(hidden, dtype=bool).reshape(table.shape)
+    if exact is not None and np.asarray(exact).any():  # structural zeros carry no noise
+        known = np.asarray(exact, dtype=bool).reshape(table.shape)
+        lo = np.where(known, 0.0, np.asarray(lo, float).reshape(table.shape))
+        hi = np.where(known, 0.0, np.asarray(hi, float).reshape(table.shape))
     mask = pd.DataFrame(hidden, index=table.index, columns=table.columns)
     lower = pd.DataFrame(np.asarray(lo, float).reshape(table.shape), index=table.index,
                          columns=table.columns).mask(mask)

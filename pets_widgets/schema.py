@@ -190,6 +190,38 @@ def period_of(year: int) -> str:
     raise ValueError(f"diagnosis_year: {year} is outside {FIRST_YEAR}-{LAST_YEAR}")
 
 
+def stage_applies(tumour_group: str) -> bool:
+    """Whether records of this ICCC-3 group carry a stage (else 'Not applicable')."""
+    return tumour_group in STAGED_GROUPS
+
+
+#: Groups that consist of one listed subtype only (ICCC-3 group V is retinoblastoma).
+SINGLE_SUBTYPE_GROUPS = ("Retinoblastoma",)
+
+
+def subtype_allowed(subtype: str, tumour_group: str) -> bool:
+    """Whether a rare subtype can occur in a tumour group: a listed subtype only in its own
+    group; 'Other' in every group except those made of one listed subtype."""
+    owner = SUBTYPES[subtype][1]
+    if not owner:
+        return tumour_group not in SINGLE_SUBTYPE_GROUPS
+    return owner == tumour_group
+
+
+#: Groups of linked variables and every combination a valid record can hold. A cell whose
+#: coordinates (with the query's filter) allow none of them is a structural zero: impossible
+#: by the schema's rules, public knowledge, never a disclosure.
+LINKED: tuple[tuple[tuple[str, ...], frozenset[tuple[object, ...]]], ...] = (
+    (("tumour_group", "subtype", "stage"), frozenset(
+        (g, st, sg) for g in TUMOUR_GROUPS for st in SUBTYPES if subtype_allowed(st, g)
+        for sg in (STAGES[:3] if stage_applies(g) else STAGES[3:]))),
+    (("age_at_diagnosis", "age_band"), frozenset(
+        (a, age_band_of(a)) for a in range(MAX_AGE + 1))),
+    (("diagnosis_year", "diagnosis_period"), frozenset(
+        (y, period_of(y)) for y in range(FIRST_YEAR, LAST_YEAR + 1))),
+)
+
+
 @dataclass(frozen=True)
 class Schema:
     """The variables of one federation, including ``site`` whose categories are its site names."""

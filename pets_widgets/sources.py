@@ -349,12 +349,23 @@ def _consistency(out: Mapping[str, Any], valid: Mapping[str, np.ndarray]) -> lis
             wrong = both & (np.asarray(out[name], dtype=object) != rule(out[source]))
             if wrong.any():
                 problems.append(DataProblem(name, problem, _rows_where(wrong)))
-    if "subtype" in valid and "tumour_group" in valid:
-        both = valid["subtype"] & valid["tumour_group"]
-        group_of = pd.Series({k: g for k, (_, g) in S.SUBTYPES.items()})
-        owner = group_of.reindex(out["subtype"]).to_numpy(dtype=object)
-        wrong = both & (owner != "") & (owner != np.asarray(out["tumour_group"], dtype=object))
-        if wrong.any():
-            problems.append(DataProblem("subtype", "belongs to another tumour_group",
-                                        _rows_where(wrong)))
+    if "tumour_group" in valid:
+        groups = np.asarray(out["tumour_group"], dtype=object)
+        # The schema's rules on linked variables (the same ones that define structural
+        # zeros): a listed subtype only in its own group, a stage only where it applies.
+        for name, rule, problem in (
+            ("subtype", S.subtype_allowed, "is not possible in this tumour_group"),
+            ("stage", lambda st, g: (st != "Not applicable") == S.stage_applies(g),
+             "does not fit this tumour_group (staged groups need a stage, others "
+             "'Not applicable')"),
+        ):
+            if name not in valid:
+                continue
+            both = valid[name] & valid["tumour_group"]
+            values = np.asarray(out[name], dtype=object)
+            wrong = both.copy()
+            wrong[both] = [not rule(v, g) for v, g in zip(values[both], groups[both],
+                                                          strict=True)]
+            if wrong.any():
+                problems.append(DataProblem(name, problem, _rows_where(wrong)))
     return problems

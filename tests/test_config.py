@@ -75,7 +75,7 @@ def test_every_bad_column_and_value_is_reported_with_row_numbers_never_echoed():
     assert [p.rows for p in by_column["age_band"]] == [(10,)]
     assert [p.rows for p in by_column["site"]] == [(12,)]
     assert [(p.rows, p.problem) for p in by_column["subtype"]] == [
-        ((21,), "belongs to another tumour_group")]
+        ((21,), "is not possible in this tumour_group")]
     assert "allowed range 0-14" in str(exc) and "'F', 'M'" in str(exc)
     text = str(exc) + repr(exc.problems)
     for value in [*SENTINELS.values(), "ELSEWHERE"]:

@@ -233,3 +233,30 @@ def test_regression_highs_warm_start_ending_unknown_is_solved_again():
     hidden = secondary_suppression(table, primary_suppression(table, 5), protection=5)
     lower, upper = feasible_ranges(table, hidden)
     assert ((upper - lower)[hidden] >= 5).all()
+
+
+def test_structural_zeros_are_published_as_exact_zeros_and_never_used_as_cover(fresh_fed):
+    """Impossible cells (a stage for leukaemia, DIPG outside CNS) are public knowledge: they
+    show as 0 with no noise, are never hidden, and an attacker who knows them still cannot
+    narrow any hidden cell below the protection width."""
+    release = fresh_fed.run(pw.Crosstab(rows="tumour_group", cols="stage",
+                                        where={"diagnosis_year": (2021, 2022), "sex": ["F"]}))
+    table = release.table
+    assert table.loc["Leukaemia", "Localised"] == 0 and table.loc["CNS", "Metastatic"] == 0
+    assert not release.suppressed.loc["Leukaemia"].any()
+    assert release.upper.loc["Leukaemia", "Regional"] == 0
+    from pets_widgets.query import structural_zeros
+    spec = release.spec
+    known = structural_zeros(spec.layout(fresh_fed.schema), spec.where, fresh_fed.schema)
+    hidden = release.suppressed.to_numpy()
+    published = release.table.to_numpy(dtype=float, na_value=0.0)
+    lower, upper = feasible_ranges(published, hidden)
+    assert ((upper - lower)[hidden] >= fresh_fed.policy.protection).all()
+    assert known["count"].sum() == 5 * 3 + 7 * 1  # unstaged groups x 3 stages + staged x NA
+
+
+def test_histogram_outside_the_filtered_ages_is_structurally_zero(fresh_fed):
+    release = fresh_fed.run(pw.Histogram(variable="age_at_diagnosis",
+                                         where={"age_band": ["<1", "1-4"]}))
+    counts = release.table["count"]
+    assert (counts.iloc[5:] == 0).all() and not release.suppressed["count"].iloc[5:].any()

@@ -82,3 +82,13 @@ def test_demo_sites_and_denominators():
     # about 160 cases per million children per year
     rate = ndrs.cases_per_year / pop[pop.diagnosis_year == 2000].person_years.sum() * 1e6
     assert 140 < rate < 180
+
+
+def test_linked_variable_rules():
+    assert S.subtype_allowed("DIPG", "CNS") and not S.subtype_allowed("DIPG", "Bone")
+    assert S.subtype_allowed("Other", "Bone")
+    assert not S.subtype_allowed("Other", "Retinoblastoma")  # ICCC-3 V is retinoblastoma
+    assert S.stage_applies("Renal") and not S.stage_applies("Leukaemia")
+    rows = synthetic.registry(synthetic.profiles(1, 3_000)[0], seed=3, n_rows=3_000)
+    for g, st, sg in zip(rows.tumour_group, rows.subtype, rows.stage, strict=True):
+        assert (g, st, sg) in S.LINKED[0][1]

@@ -25,8 +25,7 @@ SCHEMA = pw.default_schema()
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
-    policy = pw.Policy(analyst_budget=500.0, federation_budget=1000.0)
-    return make_fed(tmp_path_factory, "ui", seed=5, policy=policy)
+    return make_fed(tmp_path_factory, "ui", seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +160,8 @@ def test_progress_follows_a_real_run_per_site_and_stage(fed):
 
 @pytest.fixture(scope="module")
 def crosstab_release(fed):
-    return fed.run(pw.Crosstab(rows="subtype", cols="stage"), analyst="render")
+    # rare subtypes by age band: real small cells (stage would give structural zeros only)
+    return fed.run(pw.Crosstab(rows="subtype", cols="age_band"), analyst="render")
 
 
 def test_table_html_marks_every_hidden_cell_and_shows_released_values(crosstab_release):
@@ -172,7 +172,7 @@ def test_table_html_marks_every_hidden_cell_and_shows_released_values(crosstab_r
     shown = rel.table.to_numpy(dtype=float, na_value=np.nan)[~rel.suppressed.to_numpy()]
     for value in shown:
         assert f">{int(value)}<" in text
-    assert "Rare subtype \\ Stage at diagnosis" in text and 'class="pw-total"' in text
+    assert "Rare subtype \\ Age band" in text and 'class="pw-total"' in text
     legend = render.legend_html(rel)
     assert "&lt;5</b>" in legend and "Total" in legend
 
@@ -216,7 +216,7 @@ def test_errors_are_clear_messages_never_tracebacks(exc, words):
 
 def test_audit_and_status_html(fed, crosstab_release):
     text = render.audit_html(fed.audit_log("render"))
-    assert "crosstab rows=subtype cols=stage" in text and "released" in text
+    assert "crosstab rows=subtype cols=age_band" in text and "released" in text
     assert render.audit_html(fed.audit_log("nobody")).startswith('<div class="pw-note">')
     status = render.status_html(fed.status())
     assert "NDRS" in status and "online" in status and "about 3,000 patients" in status
