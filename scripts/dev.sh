@@ -28,7 +28,9 @@ setup_python() {
   if [ ! -f "$stamp" ]; then
     [ -x .venv/bin/python ] || python3 -m venv .venv
     .venv/bin/python -m pip install -q -U pip 2>&1 | grep -v "^WARNING: Location" || true
-    .venv/bin/python -m pip install -q -c scripts/constraints.txt -e '.[test]' 2>&1 |
+    # PYTHONWARNINGS hides setuptools' notes about editable installs (harmless).
+    PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q -c scripts/constraints.txt \
+      -e '.[test]' 2>&1 |
       grep -v "^WARNING: Location" || true
     .venv/bin/python -c "import pets_widgets, phe.util; assert phe.util.HAVE_GMP"
     rm -f .venv/.setup-*
