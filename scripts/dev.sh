@@ -27,11 +27,11 @@ setup_python() {
   stamp=".venv/.setup-$(cat pyproject.toml scripts/constraints.txt | sha256sum | cut -c1-16)"
   if [ ! -f "$stamp" ]; then
     [ -x .venv/bin/python ] || python3 -m venv .venv
-    .venv/bin/python -m pip install -q -U pip 2>&1 | grep -v "^WARNING: Location" || true
+    # pipefail keeps pip's failure; the filter itself may find nothing to print.
+    .venv/bin/python -m pip install -q -U pip 2>&1 | { grep -v "^WARNING: Location" || true; }
     # PYTHONWARNINGS hides setuptools' notes about editable installs (harmless).
     PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q -c scripts/constraints.txt \
-      -e '.[test]' 2>&1 |
-      grep -v "^WARNING: Location" || true
+      -e '.[test]' 2>&1 | { grep -v "^WARNING: Location" || true; }
     .venv/bin/python -c "import pets_widgets, phe.util; assert phe.util.HAVE_GMP"
     rm -f .venv/.setup-*
     touch "$stamp"
