@@ -14,7 +14,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 apt_install() {
-  # Debian packages (never `playwright install`: browsers come from Debian).
+  # Debian packages (browsers come from Debian; playwright never downloads its own).
   as_root apt-get update -q >/dev/null
   as_root apt-get install -y -q "$@" >/dev/null
 }

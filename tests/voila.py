@@ -4,8 +4,8 @@ Voila runs in its own process group on 127.0.0.1 and a free port, with
 ``--Voila.port_retries=0`` (so it never silently moves to another port); readiness is
 polled on a static asset (``voila/static/voila.js``), because a GET of the page itself
 starts a kernel. Stopping SIGTERMs the whole group (Voila shuts its kernels down), then
-SIGKILLs whatever is left. Chromium is Debian's ``/usr/bin/chromium``: never
-``playwright install``.
+SIGKILLs whatever is left. Chromium is Debian's ``/usr/bin/chromium``: playwright never
+downloads a browser of its own here.
 """
 
 from __future__ import annotations
