@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import json
 import math
+import os
 import secrets
 import threading
+import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +37,19 @@ DEFAULT_KEY_BITS = 2048
 ALLOWED_KEY_BITS = (1024, 2048, 3072)  # 1024 only for tests about logic, never for releases
 #: Largest number of patients one site may hold; public, part of the packing parameters.
 DEFAULT_SITE_CAPACITY = 2**22
+
+
+def capacity_for(n_rows: int) -> int:
+    """A public packing bound for a site of ``n_rows`` patients: ``n_rows`` rounded up to
+    two significant figures (coarser than the nearest hundred a status display shows).
+
+    The bound sets the slot width, so a tight one packs more cells into each ciphertext:
+    2 sites of 100,000 patients need 18-bit slots, against 24 bits for the default bound.
+    """
+    if n_rows < 1:
+        return 1
+    step = 10 ** max(0, len(str(n_rows)) - 2)
+    return -(-n_rows // step) * step
 
 
 PublicKey = paillier.PaillierPublicKey
@@ -137,6 +154,31 @@ class Packing:
 
 
 # --------------------------------------------------------------------------- Paillier
+def gil_released() -> contextlib.AbstractContextManager[object]:
+    """A block in which gmpy2 releases the GIL during its arithmetic (in this thread only).
+
+    Only the modular exponentiations (encryption without a precomputed obfuscator,
+    decryption) run inside one: they last milliseconds, so other threads use the other
+    cores meanwhile. Cheap multiplications stay outside, where giving the GIL away would
+    cost a thread switch each.
+    """
+    return gmpy2.context(gmpy2.get_context(), allow_release_gil=True)
+
+
+def _decrypt_half(ciphertext: gmpy2.mpz, prime: gmpy2.mpz, prime_square: gmpy2.mpz,
+                  h: gmpy2.mpz) -> gmpy2.mpz:
+    """One half of ``phe``'s CRT decryption: ``L_p(c^(p-1) mod p^2) * h_p mod p``."""
+    with gil_released():
+        x = gmpy2.powmod(ciphertext, prime - 1, prime_square)
+    return (x - 1) // prime * h % prime
+
+
+@functools.cache
+def _decrypt_workers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                              thread_name_prefix="paillier-decrypt")
+
+
 def encrypt(public_key: PublicKey, plaintexts: Sequence[int],
             pool: ObfuscatorPool | None = None) -> list[int]:
     """Raw Paillier ciphertexts ``(1 + n m) r^n mod n^2`` of integer plaintexts.
@@ -145,7 +187,8 @@ def encrypt(public_key: PublicKey, plaintexts: Sequence[int],
     given (precomputed off the query path, never reused), computed on the spot otherwise.
     """
     if pool is None:
-        return [public_key.raw_encrypt(int(m)) for m in plaintexts]
+        with gil_released():
+            return [public_key.raw_encrypt(int(m)) for m in plaintexts]
     if pool.n != public_key.n:
         raise ValueError("the obfuscator pool belongs to another key")
     n, nsq = gmpy2.mpz(public_key.n), gmpy2.mpz(public_key.nsquare)
@@ -164,9 +207,9 @@ class ObfuscatorPool:
     Computing ``r^n`` is the whole cost of a Paillier encryption; the pool does it ahead of
     time in a daemon thread, between queries, so a query only multiplies. Each obfuscator
     is handed out once (popped) and never reused; ``r`` comes from the OS's secure source.
-    The thread pauses while any query runs in this process (:func:`foreground`), so it
-    never competes with the query path; when the pool runs dry, obfuscators are computed on
-    the spot, as a cold encryption would.
+    The thread pauses while any query runs in this process and for a moment after it
+    (:func:`foreground`), so it never competes with the query path; when the pool runs dry,
+    obfuscators are computed on the spot, as a cold encryption would.
     """
 
     def __init__(self, public_key: PublicKey, target: int = 64, background: bool = True):
@@ -190,7 +233,8 @@ class ObfuscatorPool:
         r = secrets.randbelow(self.n - 1) + 1
         while math.gcd(r, self.n) != 1:  # probability ~2^-1023: a factor of n found
             r = secrets.randbelow(self.n - 1) + 1
-        return gmpy2.powmod(r, self._n, self._nsq)
+        with gil_released():
+            return gmpy2.powmod(r, self._n, self._nsq)
 
     def fill(self, count: int | None = None) -> None:
         """Precompute until ``count`` (default: the target) obfuscators wait in the pool."""
@@ -223,14 +267,23 @@ class ObfuscatorPool:
 
 
 class _Foreground:
-    """Counts queries running in this process, so background precomputation can wait."""
+    """Counts queries running in this process, so background precomputation can wait.
+
+    It also waits ``GRACE`` seconds after the last query ends: the rest of that query (the
+    enclave's decryption, when the sites are kernels on the same machine, or the dashboard
+    drawing the result) finishes first, and precomputation uses the time a researcher
+    spends reading.
+    """
+
+    GRACE = 0.5
 
     def __init__(self) -> None:
         self._running = 0
+        self._ended = -math.inf
         self._lock = threading.Lock()
 
     def busy(self) -> bool:
-        return self._running > 0
+        return self._running > 0 or time.monotonic() - self._ended < self.GRACE
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
@@ -241,6 +294,7 @@ class _Foreground:
         finally:
             with self._lock:
                 self._running -= 1
+                self._ended = time.monotonic()
 
 
 _FOREGROUND = _Foreground()
@@ -262,8 +316,16 @@ def add_encrypted(public_key: PublicKey, vectors: Sequence[Sequence[int]]) -> li
 
 
 def decrypt(private_key: PrivateKey, ciphertexts: Sequence[int]) -> list[int]:
-    """Raw Paillier decryption (CRT inside ``phe``) of each ciphertext."""
-    return [private_key.raw_decrypt(int(c)) for c in ciphertexts]
+    """Raw Paillier decryption of each ciphertext, as ``phe``'s ``raw_decrypt`` computes it
+    (CRT: one exponentiation modulo p^2 and one modulo q^2, recombined by ``phe``), with the
+    halves of all ciphertexts spread over the cores (gmpy2 releases the GIL meanwhile)."""
+    key = private_key
+    p, q = gmpy2.mpz(key.p), gmpy2.mpz(key.q)
+    halves = [(p, gmpy2.mpz(key.psquare), gmpy2.mpz(key.hp)),
+              (q, gmpy2.mpz(key.qsquare), gmpy2.mpz(key.hq))]
+    tasks = [(gmpy2.mpz(c), *half) for c in ciphertexts for half in halves]
+    done = list(_decrypt_workers().map(_decrypt_half, *zip(*tasks, strict=True))) if tasks else []
+    return [int(key.crt(int(mp), int(mq))) for mp, mq in zip(done[::2], done[1::2], strict=True)]
 
 
 def check_ciphertexts(public_key: PublicKey, ciphertexts: Sequence[int]) -> None:

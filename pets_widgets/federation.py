@@ -61,6 +61,8 @@ class LocalSite:
     """
 
     backend = "local"
+    #: Sites compute and encrypt in parallel threads (gmpy2 releases the GIL while it works).
+    parallel = True
 
     def __init__(self, site: Site, source: Any = None):
         self._site = site
@@ -299,7 +301,7 @@ def _temporary_ledger() -> Path:
 def demo_federation(seed: int = 7, n_sites: int = 2, rows_per_site: int | None = None, *,
                     key_bits: int = crypto.DEFAULT_KEY_BITS, policy: Policy | None = None,
                     ledger: str | os.PathLike[str] | None = None, backend: str = "local",
-                    site_capacity: int = crypto.DEFAULT_SITE_CAPACITY) -> Federation:
+                    site_capacity: int | None = None) -> Federation:
     """A federation of synthetic registries: NDRS and NCI by default, seeded and realistic.
 
     ``backend="local"`` keeps the sites in this process; ``backend="kernel"`` starts each
@@ -308,18 +310,24 @@ def demo_federation(seed: int = 7, n_sites: int = 2, rows_per_site: int | None =
     or a ``with`` block (it is also closed at interpreter exit).
     ``ledger`` is the SQLite file of the audit log and budget (a temporary file when None).
     Each site is enrolled with the measurement of an enclave running this code and
-    ``policy``: a quietly changed policy is refused at attestation.
+    ``policy``: a quietly changed policy is refused at attestation. ``site_capacity`` is the
+    public bound on any site's number of patients that sizes the packing slots; by default
+    the largest demo site's size rounded up to two significant figures
+    (:func:`~pets_widgets.crypto.capacity_for`).
     """
     if backend not in ("local", "kernel"):
         raise QueryValidationError("backend", f"{backend!r} is not available for the demo "
                                    "(gateway sites need a configuration file: "
                                    "Federation.from_config)", ["local", "kernel"])
     policy = policy or Policy()
+    profiles = synthetic.profiles(n_sites, rows_per_site)
+    if site_capacity is None:
+        site_capacity = crypto.capacity_for(max(
+            rows_per_site or p.cases_per_year * synthetic.N_YEARS for p in profiles))
     if backend == "kernel":
         from pets_widgets.config import build_federation, sites_of
         from pets_widgets.sources import SyntheticSource
 
-        profiles = synthetic.profiles(n_sites, rows_per_site)
         sources = [SyntheticSource(seed, rows_per_site, p.cases_per_year, p.loss_to_follow_up)
                    for p in profiles]
         config = sites_of([p.name for p in profiles], sources, "kernel")
@@ -330,7 +338,7 @@ def demo_federation(seed: int = 7, n_sites: int = 2, rows_per_site: int | None =
     enclave = Enclave(schema, audit.Ledger(ledger_path), policy, key_bits, site_capacity)
     enrollment = Enrollment(enclave.platform_key, expected_measurement(policy))
     sites = []
-    for profile in synthetic.profiles(n_sites, rows_per_site):
+    for profile in profiles:
         rows = synthetic.registry(profile, seed, rows_per_site)
         site = Site(profile.name, rows, schema, synthetic.population(profile), site_capacity)
         site.enroll(enrollment)
