@@ -19,6 +19,7 @@ import os
 import socket
 import sqlite3
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -103,12 +104,13 @@ class Budget:
 class Ledger:
     """One SQLite file (WAL mode) holding the audit log, budget reservations and releases.
 
-    Each call opens its own connection, so one Ledger can be shared by threads, and several
-    processes may open the same file.
+    Each thread keeps its own connection (opening one costs more than most of the queries),
+    so one Ledger can be shared by threads, and several processes may open the same file.
     """
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
+        self._local = threading.local()
         with self._connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(SCHEMA)
@@ -116,24 +118,30 @@ class Ledger:
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        try:
+        """This thread's connection, opened on first use (and again in a forked child: a
+        connection must never be used, nor closed, across ``fork``)."""
+        con = getattr(self._local, "con", None)
+        if con is None or self._local.pid != os.getpid():
+            if con is not None:
+                _INHERITED.append(con)  # the parent's: left alone, never closed here
+            con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
             con.execute("PRAGMA busy_timeout=60000")
-            yield con
-        finally:
-            con.close()
+            self._local.con, self._local.pid = con, os.getpid()
+        yield con
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """An immediate (write-locked) transaction: committed on success, rolled back on error."""
+        """An immediate (write-locked) transaction: committed on success, rolled back on error
+        (including a failed commit, so the thread's connection is never left mid-transaction)."""
         with self._connect() as con:
             con.execute("BEGIN IMMEDIATE")
             try:
                 yield con
+                con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
                 raise
-            con.execute("COMMIT")
 
     def set_meta(self, key: str, value: str) -> None:
         """Store a published fact about the ledger's enclave (its policy, measurement)."""
@@ -169,13 +177,14 @@ class Ledger:
     def audit_rows(self, analyst: str | None = None) -> list[dict[str, Any]]:
         """The audit log, oldest first (one analyst's rows when ``analyst`` is given)."""
         with self._connect() as con:
-            con.row_factory = sqlite3.Row
+            cursor = con.cursor()
+            cursor.row_factory = sqlite3.Row
             sql = "SELECT * FROM audit"
             args: tuple[str, ...] = ()
             if analyst is not None:
                 sql += " WHERE analyst = ?"
                 args = (analyst,)
-            return [dict(r) for r in con.execute(sql + " ORDER BY id", args)]
+            return [dict(r) for r in cursor.execute(sql + " ORDER BY id", args)]
 
     # -- budget -------------------------------------------------------------------------------
     @staticmethod
@@ -345,6 +354,11 @@ class Ledger:
             rows = con.execute("SELECT DISTINCT analyst FROM audit UNION "
                                "SELECT DISTINCT analyst FROM reservations ORDER BY 1")
             return [r[0] for r in rows]
+
+
+#: Connections inherited from a parent process through ``fork``: kept referenced so that
+#: nothing in the child ever closes them (closing could checkpoint the parent's WAL).
+_INHERITED: list[sqlite3.Connection] = []
 
 
 def _alive(pid: int) -> bool:
