@@ -93,6 +93,7 @@ class Site:
         self.capacity = capacity
         self._rows = rows.reset_index(drop=True)
         self._codes: dict[str, np.ndarray] = {}
+        self._indices: dict[tuple[Dim, ...], np.ndarray] = {}
         self._population = population
         # A site's long-term identity; a fresh one unless the site keeps it (e.g. a key file
         # read inside a site kernel, so a restarted kernel signs with the registered key).
@@ -218,10 +219,19 @@ class Site:
         return self._column_codes(dim.name)
 
     def _cell_index(self, dims: tuple[Dim, ...]) -> np.ndarray:
-        if not dims:
-            return np.zeros(len(self._rows), dtype=np.int64)
-        codes = [self._dim_codes(d) for d in dims]
-        return np.ravel_multi_index(codes, tuple(d.size for d in dims))
+        """Each row's cell in the grid of ``dims``. Layouts are fixed by specs, so a few are
+        asked again and again (the dashboard's presets): the latest ones are kept."""
+        index = self._indices.get(dims)
+        if index is None:
+            if not dims:
+                index = np.zeros(len(self._rows), dtype=np.int64)
+            else:
+                codes = [self._dim_codes(d) for d in dims]
+                index = np.ravel_multi_index(codes, tuple(d.size for d in dims))
+            if len(self._indices) >= _KEPT_INDICES:
+                self._indices.pop(next(iter(self._indices)))
+            self._indices[dims] = index
+        return index
 
     def _mask(self, where: Mapping[str, tuple[Any, ...]]) -> np.ndarray:
         mask = np.ones(len(self._rows), dtype=bool)
@@ -251,6 +261,9 @@ def _count_or_sum(site: Site, block: Block, mask: np.ndarray) -> np.ndarray:
     weights = site._summand(block)[mask].astype(np.float64)  # exact: integers below 2**53
     return np.rint(np.bincount(idx, weights=weights, minlength=block.size)).astype(np.int64)
 
+
+#: How many cell indices (one integer per row each) a site keeps for repeated layouts.
+_KEPT_INDICES = 8
 
 #: Block computations by block name; query kinds with special blocks register here.
 BLOCK_FUNCTIONS: dict[str, BlockFunction] = {}
