@@ -19,6 +19,7 @@ import os
 import secrets
 import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -60,6 +61,13 @@ def expected_measurement(policy: privacy.Policy) -> str:
     """The measurement an enclave running this code with this policy reports: what a site's
     governance approves."""
     return hashlib.sha256(f"{code_measurement()}:{policy.hash}".encode()).hexdigest()
+
+
+@functools.cache
+def _noise_worker() -> ThreadPoolExecutor:
+    """A thread for drawing noise (OpenDP's sampler runs without the GIL) while the totals
+    are decrypted."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="enclave-noise")
 
 
 def check_epsilon(epsilon: object) -> Fraction:
@@ -426,6 +434,8 @@ class Enclave:
                 return self._repeat(admission, stored)
             self.abort(admission, audit.REFUSED, exc.rule, str(exc))
             raise
+        # The noise does not depend on the totals: it is drawn while they are decrypted.
+        noise = _noise_worker().submit(self._noise, admission.layout, eps)
         try:
             totals = self._totals(admission, summed)
         except IntegrityError as exc:
@@ -438,7 +448,7 @@ class Enclave:
             raise
         refusal: QueryRefused | None = None
         try:
-            noisy = self._noisy(admission.layout, eps, totals, spec.where)
+            noisy = self._noisy(admission.layout, eps, totals, spec.where, noise.result())
             refusal = self._subset_refusal(admission, noisy)
             if refusal is None:
                 release = self._build(admission, noisy, suppress=True)
@@ -487,20 +497,32 @@ class Enclave:
                            {b: privacy.noise_interval(s) for b, s in scales.items()},
                            structural_zeros(layout, where, self.schema))
 
+    def _noise(self, layout: Layout, eps: Fraction) -> dict[str, np.ndarray]:
+        """One draw of the mechanism's noise for every cell of every block, at the block's
+        own scale: the mechanism applied to zeros (it adds its noise to what it is given)."""
+        return {block.name: np.asarray(self._mechanism.sample(
+                    [0] * block.size, self._scale(block.sensitivity, eps, block.budget_share)),
+                    dtype=np.int64)
+                for block in layout.blocks}
+
     def _noisy(self, layout: Layout, eps: Fraction, totals: Mapping[str, np.ndarray],
-               where: Mapping[str, tuple[object, ...]] | None = None) -> NoisyBlocks:
+               where: Mapping[str, tuple[object, ...]] | None = None,
+               noise: Mapping[str, np.ndarray] | None = None) -> NoisyBlocks:
         """Discrete Laplace noise on every cell of every block, at the block's own scale.
+
+        ``noise`` is a draw of :meth:`_noise` for this layout and epsilon, made for this
+        release only (drawn here when None). Both mechanisms add independent noise to each
+        value, so totals plus noise drawn on zeros is exactly the mechanism on the totals.
 
         Cells the schema's rules make impossible (structural zeros, e.g. a stage for a
         leukaemia, or DIPG outside the CNS group) are then set to exactly zero: that is
         post-processing with public knowledge, and it keeps pure noise out of tables."""
         where = where or {}
+        noise = self._noise(layout, eps) if noise is None else noise
         impossible = structural_zeros(layout, where, self.schema)
         values = {}
         for block in layout.blocks:
-            scale = self._scale(block.sensitivity, eps, block.budget_share)
-            noisy = np.asarray(self._mechanism.sample(totals[block.name].tolist(), scale),
-                               dtype=np.int64)
+            noisy = np.asarray(totals[block.name], dtype=np.int64) + noise[block.name]
             noisy[impossible[block.name]] = 0
             values[block.name] = noisy
         return self._noise_params(layout, eps, values, where)
