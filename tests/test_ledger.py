@@ -88,9 +88,10 @@ def test_eight_threads_cannot_overspend(tmp_path):
     assert (log.outcome == "released").sum() == 3 and (log.outcome == "refused").sum() == 5
 
 
-def _spend_in_process(ledger_path: str, worker: int, results) -> None:
-    """Run in another process: reserve and spend directly against the shared ledger file."""
-    ledger = Ledger(ledger_path)
+def _spend_in_process(ledger_path: str | Ledger, worker: int, results) -> None:
+    """Run in another process: reserve and spend directly against the shared ledger file
+    (through a Ledger of its own, or one inherited through ``fork``)."""
+    ledger = ledger_path if isinstance(ledger_path, Ledger) else Ledger(ledger_path)
     got = 0
     for i in range(6):
         try:
@@ -121,6 +122,60 @@ def test_two_processes_cannot_overspend(tmp_path):
     assert granted == 8  # 8 x 1/2 = the whole budget of 4, never more
     budget = Ledger(path).budget("proc", Fraction(4), Fraction(4))
     assert budget.analyst_spent == Fraction(4)
+
+
+def _query_in_process(ledger_path: str, worker: int, results) -> None:
+    """Run in another process: a whole federation of its own on the shared ledger file."""
+    fed = pw.demo_federation(seed=worker, rows_per_site=500, key_bits=TEST_KEY_BITS,
+                             ledger=ledger_path,
+                             policy=pw.Policy(analyst_budget=2.0, federation_budget=3.0))
+    outcomes = []
+    for i in range(4):
+        try:
+            fed.run(pw.Count(by=["sex"]), epsilon=0.5 + 0.01 * (4 * worker + i),
+                    analyst=f"proc{worker}")
+            outcomes.append("released")
+        except pw.BudgetExceeded as exc:
+            outcomes.append(exc.rule)
+    results.put(outcomes)
+
+
+def test_two_processes_running_queries_cannot_overspend_and_audit_every_refusal(tmp_path):
+    path = str(tmp_path / "shared.sqlite")
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_query_in_process, args=(path, w, results)) for w in range(2)]
+    for p in procs:
+        p.start()
+    outcomes = results.get(timeout=120) + results.get(timeout=120)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    # Two analysts with 2.0 each but a federation budget of 3.0: six releases of about 0.5.
+    ledger = Ledger(path)
+    assert ledger.budget("proc0", Fraction(2), Fraction(3)).federation_spent <= 3
+    rows = ledger.audit_rows()
+    refused = [r for r in rows if r["outcome"] == "refused"]
+    assert outcomes.count("released") == sum(r["outcome"] == "released" for r in rows)
+    assert len(refused) == len(outcomes) - outcomes.count("released") > 0
+    assert all(r["rule"] in ("analyst_budget", "federation_budget") and r["reason"]
+               for r in refused)
+
+
+def test_a_forked_child_opens_its_own_connection(tmp_path):
+    ledger = Ledger(tmp_path / "forked.sqlite")
+    ledger.record(analyst="parent", spec_hash="p", spec_json="{}", sites=("A",),
+                  epsilon_asked=None, outcome="invalid")  # the parent's connection is open
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    child = ctx.Process(target=_spend_in_process, args=(ledger, 9, results))
+    child.start()
+    assert results.get(timeout=60) == 6
+    child.join(60)
+    assert child.exitcode == 0
+    # The parent's own connection still works and sees what the child committed.
+    assert ledger.budget("proc", Fraction(4), Fraction(4)).analyst_spent == 3
+    assert len(ledger.audit_rows("proc")) == 6
 
 
 def test_a_fault_after_the_reservation_returns_it(fresh_fed, monkeypatch):
