@@ -341,10 +341,9 @@ def _finish(table: pd.DataFrame, hidden: np.ndarray, lo: np.ndarray, hi: np.ndar
         lo = np.where(known, 0.0, np.asarray(lo, float).reshape(table.shape))
         hi = np.where(known, 0.0, np.asarray(hi, float).reshape(table.shape))
     mask = pd.DataFrame(hidden, index=table.index, columns=table.columns)
-    lower = pd.DataFrame(np.asarray(lo, float).reshape(table.shape), index=table.index,
-                         columns=table.columns).mask(mask)
-    upper = pd.DataFrame(np.asarray(hi, float).reshape(table.shape), index=table.index,
-                         columns=table.columns).mask(mask)
+    lower, upper = (pd.DataFrame(np.where(hidden, np.nan, np.asarray(bound, float)
+                                          .reshape(table.shape)),
+                                 index=table.index, columns=table.columns) for bound in (lo, hi))
     return Tables(table.mask(mask), mask, lower, upper, margins, postprocessing, extras or {})
 
 
