@@ -35,13 +35,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(default notebooks/dashboard.ipynb)")
     p_dash.add_argument("--no-preheat", action="store_true",
                         help="do not keep a kernel warm for the next visitor")
+    p_dash.add_argument("--config", default=None,
+                        help="a TOML site configuration (local, kernel or gateway sites; see "
+                             "examples/sites.toml) instead of the synthetic demo")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.seed)
     elif args.command == "dashboard":
         from pets_widgets.serve import serve
 
-        return serve(args.notebook, args.port, preheat=not args.no_preheat)
+        return serve(args.notebook, args.port, preheat=not args.no_preheat,
+                     config=args.config)
     return 0
 
 

@@ -88,9 +88,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def serve(notebook: str | os.PathLike[str] | None = None, port: int | None = None,
-          preheat: bool = True, timeout: float = 180.0, extra_args: Sequence[str] = ()) -> int:
+          preheat: bool = True, timeout: float = 180.0, extra_args: Sequence[str] = (),
+          config: str | os.PathLike[str] | None = None) -> int:
     """Start Voila on ``notebook`` at ``http://127.0.0.1:port/``, print the URL once it
-    answers, and run until Ctrl-C or SIGTERM; returns Voila's exit code."""
+    answers, and run until Ctrl-C or SIGTERM; returns Voila's exit code.
+
+    ``config``: a site configuration file the dashboard's kernels use instead of the demo
+    (passed to them as ``$PETS_SITES_CONFIG``, resolved to an absolute path)."""
     nb = find_notebook(notebook)
     if port is None:
         port = DEFAULT_PORT if port_is_free(DEFAULT_PORT) else free_port()
@@ -100,6 +104,12 @@ def serve(notebook: str | os.PathLike[str] | None = None, port: int | None = Non
     url = f"http://{HOST}:{port}/"
     env = dict(os.environ)
     env.pop("MPLBACKEND", None)
+    if config is not None:
+        config_path = Path(config).resolve()
+        if not config_path.is_file():
+            print(f"no site configuration file at {config_path}", file=sys.stderr)
+            return 2
+        env["PETS_SITES_CONFIG"] = str(config_path)
     print(f"Starting Voila on {nb.name} ...", flush=True)
     proc = subprocess.Popen([*voila_command(nb, port, preheat), *extra_args], cwd=nb.parent,
                             env=env, start_new_session=True)

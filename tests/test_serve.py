@@ -34,6 +34,11 @@ def test_a_taken_port_is_refused_with_a_clear_message(capsys):
     assert f"port {port}" in capsys.readouterr().err
 
 
+def test_a_missing_site_configuration_is_refused_before_voila_starts(tmp_path, capsys):
+    assert serve.serve(config=tmp_path / "nowhere.toml") == 2
+    assert "nowhere.toml" in capsys.readouterr().err
+
+
 def test_missing_notebook_names_the_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="no dashboard notebook"):
         serve.find_notebook(tmp_path / "nope.ipynb")

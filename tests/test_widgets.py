@@ -307,7 +307,38 @@ def test_dashboard_wires_builder_explorer_audit_and_status(fed):
 
 
 def test_dashboard_without_a_federation_builds_the_demo(monkeypatch, tmp_path):
+    monkeypatch.delenv(pw.widgets.app.CONFIG_ENV, raising=False)
     app = pw.widgets.dashboard(key_bits=1024, rows_per_site=2_000,
                                ledger=tmp_path / "ledger.sqlite")
-    assert app.fed.site_names == ("NDRS", "NCI")
-    assert isinstance(app.builder, pw.widgets.QueryBuilder)
+    try:
+        assert app.fed.site_names == ("NDRS", "NCI")
+        assert set(app.fed.status().backend) == {"kernel"}  # sites in their own kernels
+        assert isinstance(app.builder, pw.widgets.QueryBuilder)
+    finally:
+        app.fed.close()
+
+
+def test_dashboard_runs_on_the_sites_of_a_configuration_file(monkeypatch, tmp_path):
+    config = tmp_path / "sites.toml"
+    config.write_text(
+        "[federation]\nkey_bits = 1024\n"
+        + "".join(f'[[sites]]\nname = "{n}"\nbackend = "local"\n'
+                  f'source = {{ kind = "synthetic", seed = 3, size = 800 }}\n' for n in "AB"))
+    monkeypatch.setenv(pw.widgets.app.CONFIG_ENV, str(config))  # as the dashboard command sets
+    app = pw.widgets.dashboard(ledger=tmp_path / "ledger.sqlite")
+    assert app.fed.site_names == ("A", "B")
+    assert "sites.toml" in app.children[1].children[0].value
+    app.builder.kind.value = "count"
+    app.builder.run_button.click()
+    assert app.builder.release is not None, app.builder.message.value
+
+
+def test_incidence_rates_by_clicking_show_the_rates_their_standard_and_bars(fed):
+    qb = pw.widgets.QueryBuilder(fed)
+    qb.kind.value = "incidence"
+    qb.run_button.click()
+    rel = qb.release
+    assert rel is not None and rel.spec.kind == "incidence", qb.message.value
+    assert "per million" in qb.table.value.lower() or "per million" in qb.card.value.lower()
+    assert "Segi" in qb.card.value
+    assert 'src="data:image/png;base64,' in qb.plot.value

@@ -3,6 +3,7 @@ epsilon explorer and the audit log in tabs."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ipywidgets as W
@@ -79,14 +80,27 @@ class Dashboard(W.VBox):
             self.status.value = render.error_html(exc)
 
 
-def dashboard(fed: Federation | None = None, backend: str = "kernel", seed: int = 7,
-              **kwargs: Any) -> Dashboard:
-    """The dashboard over ``fed``, or over the synthetic demo federation.
+#: Environment variable naming a site configuration file for :func:`dashboard` (set by
+#: ``python -m pets_widgets dashboard --config FILE``, read inside the Voila kernel).
+CONFIG_ENV = "PETS_SITES_CONFIG"
 
-    Without ``fed``, sites run as separate Jupyter kernels (``backend="kernel"``) when this
-    version supports it, and in this process otherwise; the header says which.
+
+def dashboard(fed: Federation | None = None, backend: str = "kernel", seed: int = 7,
+              config: str | os.PathLike[str] | None = None, **kwargs: Any) -> Dashboard:
+    """The dashboard over ``fed``, over the sites of a configuration file, or over the
+    synthetic demo federation.
+
+    ``config`` (or, when it is None, the file named by ``$PETS_SITES_CONFIG``) is a TOML site
+    configuration (:mod:`pets_widgets.config`): local, kernel or gateway sites, so the same
+    dashboard runs against remote Kernel Gateways by changing the file only. Without
+    either, the demo's sites run as separate Jupyter kernels (``backend="kernel"``); when
+    kernels cannot be started there, they run in this process and the header says why.
     """
     note = ""
+    config = config if config is not None else os.environ.get(CONFIG_ENV) or None
+    if fed is None and config is not None:
+        fed = Federation.from_config(config, **kwargs)
+        note = f"Sites from the configuration file {os.fspath(config)}."
     if fed is None:
         try:
             fed = demo_federation(seed=seed, backend=backend, **kwargs)
@@ -95,6 +109,6 @@ def dashboard(fed: Federation | None = None, backend: str = "kernel", seed: int 
                 raise
             fed = demo_federation(seed=seed, backend="local", **kwargs)
             log.info("backend %r not available (%s); using local sites", backend, exc)
-            note = (f"The sites run inside this notebook's process (the {backend!r} site "
-                    "backend is not available in this version).")
+            note = (f"The {backend} sites could not be started ({exc}); the sites run "
+                    "inside this notebook's process instead.")
     return Dashboard(fed, note=note)
