@@ -36,9 +36,10 @@ from pets_widgets.query import QuerySpec
 from pets_widgets.release import Release
 from pets_widgets.site import AggregateRequest, Enrollment, Site
 
-#: ``progress(stage, site, fraction_done)``; stage is attest, compute, aggregate or release.
+#: ``progress(stage, site, fraction_done)``; stage is attest, compute, encrypt (reported when
+#: the site's signed, encrypted aggregate has arrived), aggregate or release.
 Progress = Callable[[str, str | None, float], None]
-STAGES = ("attest", "compute", "aggregate", "release")
+STAGES = ("attest", "compute", "encrypt", "aggregate", "release")
 
 
 class SiteBackend(Protocol):
@@ -205,6 +206,7 @@ class Federation:
                 raise as_site_error(site.name, exc) from exc
             if aggregate.site != site.name:
                 raise SiteIntegrityError(site.name, "replied with another site's aggregate")
+            report("encrypt", site.name, 0.8 * (i + 1) / n)
             return aggregate
 
         try:

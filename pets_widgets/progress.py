@@ -2,9 +2,10 @@
 
 :meth:`Federation.run` reports ``progress(stage, site, fraction)``; this model turns those
 calls into what the dashboard draws (one bar per site, one overall bar and a sentence),
-without ipywidgets, so the rules are unit-tested headless. Backends report the stages they
-know: ``attest`` and ``compute`` per site (``encrypt`` too where a backend reports it
-separately), then ``aggregate`` and ``release`` for the federation as a whole.
+without ipywidgets, so the rules are unit-tested headless. Every backend reports
+``attest``, ``compute`` and ``encrypt`` per site (``encrypt`` when the site's encrypted
+aggregate has arrived: its bar then says "sent"), then ``aggregate`` and ``release`` for the
+federation as a whole.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ SITE_STEPS = ("waiting", "attesting the enclave", "computing + encrypting", "sen
 STAGE_TEXT = {
     "attest": "sites check the enclave's attestation",
     "compute": "sites compute and encrypt their counts",
-    "encrypt": "sites encrypt their counts",
+    "encrypt": "sites send their encrypted counts",
     "aggregate": "the coordinator adds the encrypted counts",
     "release": "the enclave decrypts the total, adds noise and hides small cells",
 }
@@ -65,7 +66,7 @@ class ProgressModel:
         self.fraction = min(1.0, max(self.fraction, float(fraction)))
         self.stage = stage
         if site is not None and site in self.steps:
-            step = {"attest": 1, "compute": 2, "encrypt": 2}.get(stage, self.steps[site])
+            step = {"attest": 1, "compute": 2, "encrypt": 3}.get(stage, self.steps[site])
             self.steps[site] = max(self.steps[site], step)
             self.text = f"{site}: {SITE_STEPS[self.steps[site]]}"
         elif stage in ("aggregate", "release"):

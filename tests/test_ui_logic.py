@@ -143,6 +143,7 @@ def test_progress_follows_a_real_run_per_site_and_stage(fed):
     model.finish(True)
     stages = [s for s, *_ in seen]
     assert stages[0] == "attest" and stages[-1] == "release" and "aggregate" in stages
+    assert [s for s in pw.federation.STAGES if s in stages] == list(pw.federation.STAGES)
     fractions = [f for _, _, f, _ in seen]
     assert fractions == sorted(fractions) and model.fraction == 1.0
     for stage, site, _, steps in seen:
@@ -150,6 +151,8 @@ def test_progress_follows_a_real_run_per_site_and_stage(fed):
             assert steps[site] >= 1
         if stage == "compute":
             assert steps[site] == 2
+        if stage == "encrypt":
+            assert steps[site] == 3  # this site's encrypted aggregate has arrived
     assert set(model.steps.values()) == {3} and model.state == "done"
     model.finish(False)
     assert model.state == "failed" and model.text == "nothing released"
