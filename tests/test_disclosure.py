@@ -222,6 +222,18 @@ def test_released_crosstabs_resist_the_linear_programming_attacker(fresh_fed, wh
     assert "post-processing" in release.card.margins
 
 
+def test_released_two_way_counts_resist_the_linear_programming_attacker(fresh_fed):
+    release = fresh_fed.run(pw.Count(by=["tumour_group", "age_band"], where={"sex": ["M"]}),
+                            analyst="lp-attacker")
+    shape = (len(release.table.index.levels[0]), len(release.table.index.levels[1]))
+    hidden = release.suppressed.to_numpy().reshape(shape)
+    assert hidden.any() and release.table.index[-1] == ("Total", "Total")
+    published = release.table.to_numpy(dtype=float, na_value=0.0).reshape(shape)
+    lower, upper = feasible_ranges(published, hidden)
+    assert ((upper - lower)[hidden] >= fresh_fed.policy.protection).all()
+    assert "secondary" in release.card.suppression_rule
+
+
 def test_regression_highs_warm_start_ending_unknown_is_solved_again():
     """HiGHS once ended a warm-started solve with status 'Unknown' on this table."""
     cells = np.array([[3, 0, 0, 3], [0, 0, 1, 2], [5, 3, 5, 5], [2, 2, 5, 0]])

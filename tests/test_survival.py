@@ -168,6 +168,29 @@ def test_noiseless_km_and_logrank_of_every_preset_equal_lifelines(request, which
     assert "noisy" not in got.test_name
 
 
+def test_logrank_observed_and_expected_per_stratum_equal_a_pandas_computation(fed2, pooled2):
+    spec = pw.presets.survival("by_age_band")
+    got = pw.testing.noiseless(fed2, spec).logrank.table
+    events = []
+    for label, rows in strata_of(pooled2, spec, fed2.schema):
+        t = grid_durations(rows, spec)
+        died = rows["died"].to_numpy(dtype=bool) & (t <= spec.horizon_months)
+        events.append(pd.DataFrame({"stratum": label, "t": np.minimum(t, spec.horizon_months),
+                                    "died": died}))
+    frame = pd.concat(events, ignore_index=True)
+    grid = np.arange(1, spec.horizon_months + 1) * spec.interval_months
+    at_risk = pd.DataFrame({g: [(part.t >= t).sum() for t in grid]
+                            for g, part in frame.groupby("stratum", sort=False)}, index=grid)
+    deaths = pd.DataFrame({g: [(part.died & (part.t == t)).sum() for t in grid]
+                           for g, part in frame.groupby("stratum", sort=False)}, index=grid)
+    share = deaths.sum(axis=1) / at_risk.sum(axis=1)
+    expected = at_risk.mul(share, axis=0).sum()
+    for label in got.index:
+        assert got.loc[label, "observed"] == deaths[label].sum()
+        assert got.loc[label, "expected"] == pytest.approx(expected[label], rel=1e-12)
+    assert got.observed.sum() == pytest.approx(got.expected.sum(), rel=1e-12)
+
+
 def _key(release: pw.Release, label: str) -> object:
     index = release.table.index
     if isinstance(index, pd.MultiIndex):
