@@ -61,7 +61,7 @@ case "$job" in
     exec .venv/bin/python -m pytest "$@" ;;
   lint)
     setup_python
-    exec .venv/bin/ruff check pets_widgets tests "$@" ;;
+    exec .venv/bin/ruff check pets_widgets tests benchmarks "$@" ;;
   *)
     echo "usage: bash scripts/dev.sh {dashboard|demo|test|lint} [args]" >&2; exit 2 ;;
 esac
