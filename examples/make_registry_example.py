@@ -1,7 +1,9 @@
-"""Write ``registry_example.csv``: 400 synthetic patients of a made-up registry "NORDIC".
+"""Write ``registry_example.csv``: 400 synthetic patients of a made-up registry "NORDIC",
+and ``registry_example_population.csv``: its public person-years (for incidence rates).
 
-The file describes no one: it is :func:`pets_widgets.synthetic.registry` with a fixed seed,
-written with pandas. Regenerate it (byte for byte) with::
+The files describe no one: they are :func:`pets_widgets.synthetic.registry` with a fixed
+seed and :func:`pets_widgets.synthetic.population`, written with pandas. Regenerate them
+(byte for byte) with::
 
     python examples/make_registry_example.py
 """
@@ -16,9 +18,12 @@ SITE, SEED, ROWS, CASES_PER_YEAR = "NORDIC", 2024, 400, 17
 
 
 def main() -> Path:
-    rows = synthetic.registry(synthetic.SiteProfile(SITE, CASES_PER_YEAR), SEED, ROWS)
+    profile = synthetic.SiteProfile(SITE, CASES_PER_YEAR)
+    rows = synthetic.registry(profile, SEED, ROWS)
     path = Path(__file__).with_name("registry_example.csv")
     rows.to_csv(path, index=False, lineterminator="\n")
+    synthetic.population(profile).drop(columns=["site"]).to_csv(
+        path.with_name("registry_example_population.csv"), index=False, lineterminator="\n")
     return path
 
 

@@ -28,8 +28,12 @@ Sources: ``synthetic`` (seed, size, optional cases_per_year, loss_to_follow_up),
 ``local`` and ``kernel`` sites are relative to the configuration file; a ``gateway`` site
 reads its source on the gateway's machine, so give paths as that machine sees them. A token
 never appears in the file: the file names the environment variable that holds it.
-Per-site keys: ``timeout``, ``start_timeout``, ``kernel_name`` (default python3) and
-``key_file`` (where the site kernel keeps its signing key across restarts).
+Per-site keys: ``timeout``, ``start_timeout``, ``kernel_name`` (default python3),
+``key_file`` (where the site kernel keeps its signing key across restarts) and
+``population``: a CSV file of the site's public person-years (columns ``diagnosis_year``,
+``sex``, ``age_band``, ``person_years``; a ``site`` column is optional), read by the
+coordinator (so relative to this file for every backend) for incidence rates. Synthetic
+sources come with their own; without one, rates are refused for that federation.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import pandas as pd
 
 from pets_widgets import audit, crypto
 from pets_widgets import schema as S
@@ -54,7 +60,7 @@ if TYPE_CHECKING:
 
 BACKENDS = ("local", "kernel", "gateway")
 SITE_KEYS = ("name", "backend", "source", "url", "token_env", "kernel_name", "timeout",
-             "start_timeout", "key_file")
+             "start_timeout", "key_file", "population")
 FEDERATION_KEYS = ("key_bits", "timeout", "site_capacity")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -72,6 +78,8 @@ class SiteConfig:
     timeout: float = DEFAULT_TIMEOUT
     start_timeout: float = DEFAULT_START_TIMEOUT
     key_file: str | None = None
+    #: Path of the site's public person-years CSV (absolute once parsed from a file).
+    population: str | None = None
 
 
 @dataclass(frozen=True)
@@ -178,8 +186,14 @@ def _site(raw: object, index: int, label: str, base: Path | None,
         key_file = str(key_file)
         if backend != "gateway" and base is not None:
             key_file = str(base / key_file)
+    population = raw.get("population")
+    if population is not None:
+        if not isinstance(population, str) or not population.strip():
+            raise ConfigError(f"{where}: population must be the path of a CSV file")
+        population = str(base / population) if base is not None else population
     return SiteConfig(
         name=name.strip(), backend=backend, source=source, url=url, token_env=token_env,
+        population=population,
         kernel_name=str(raw.get("kernel_name", "python3")),
         timeout=_positive(raw.get("timeout", default_timeout), f"{where}: timeout"),
         start_timeout=_positive(raw.get("start_timeout", DEFAULT_START_TIMEOUT),
@@ -228,11 +242,14 @@ def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | o
     backends: list[Any] = []
     remote: list[Any] = []
     for sc in config.sites:
+        population = (read_population(sc.population, sc.name) if sc.population is not None
+                      else sc.source.population(sc.name))
         common = dict(sites=config.site_names, enrollment=enrollment, capacity=capacity,
-                      timeout=sc.timeout, start_timeout=sc.start_timeout, key_file=sc.key_file)
+                      timeout=sc.timeout, start_timeout=sc.start_timeout, key_file=sc.key_file,
+                      population=population)
         if sc.backend == "local":
             rows = sc.source.load(schema, sc.name, capacity)
-            site = Site(sc.name, rows, schema, sc.source.population(sc.name), capacity)
+            site = Site(sc.name, rows, schema, population, capacity)
             site.enroll(enrollment)
             backends.append(LocalSite(site, source=sc.source))
             continue
@@ -250,6 +267,29 @@ def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | o
     except BaseException:
         close_sites(remote)
         raise
+
+
+def read_population(path: str, site: str) -> pd.DataFrame:
+    """A site's public person-years from a CSV file, checked against the schema; a
+    :class:`ConfigError` names the file and what is wrong (these are public numbers, so
+    the message may quote them)."""
+    from pets_widgets.incidence import check_population
+
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError:
+        raise ConfigError(f"site {site!r}: population file {path} does not exist") from None
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"site {site!r}: population file {path} cannot be read as CSV "
+                          f"({type(exc).__name__})") from None
+    if "site" not in frame.columns:
+        frame.insert(0, "site", site)
+    elif not (frame["site"].astype(str) == site).all():
+        raise ConfigError(f"site {site!r}: population file {path} holds rows of other sites")
+    try:
+        return check_population(frame, (site,))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"site {site!r}: population file {path}: {exc}") from None
 
 
 def sites_of(names: Sequence[str], sources: Sequence[Source], backend: str,

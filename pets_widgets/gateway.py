@@ -24,7 +24,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from pets_widgets import crypto
 from pets_widgets.errors import SiteError
@@ -61,9 +64,11 @@ class GatewaySite(RemoteSite):
                  sites: Sequence[str], enrollment: Enrollment,
                  capacity: int = crypto.DEFAULT_SITE_CAPACITY, timeout: float = DEFAULT_TIMEOUT,
                  start_timeout: float = DEFAULT_START_TIMEOUT, key_file: str | None = None,
-                 kernel_name: str = "python3", quickack: bool = True):
+                 kernel_name: str = "python3", quickack: bool = True,
+                 population: pd.DataFrame | None = None):
         super().__init__(name, source, sites=sites, enrollment=enrollment, capacity=capacity,
-                         timeout=timeout, start_timeout=start_timeout, key_file=key_file)
+                         timeout=timeout, start_timeout=start_timeout, key_file=key_file,
+                         population=population)
         self.url = url if url.endswith("/") else url + "/"
         self.token_env = token_env
         self.kernel_name = kernel_name

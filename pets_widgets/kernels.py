@@ -24,7 +24,10 @@ import time
 from collections.abc import Coroutine, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from pets_widgets import crypto
 from pets_widgets.remote import (
@@ -95,7 +98,7 @@ class KernelSite(RemoteSite):
                  enrollment: Enrollment, capacity: int = crypto.DEFAULT_SITE_CAPACITY,
                  timeout: float = DEFAULT_TIMEOUT, start_timeout: float = DEFAULT_START_TIMEOUT,
                  key_file: str | None = None, kernel_name: str = "python3",
-                 transport_encryption: str = "required"):
+                 transport_encryption: str = "required", population: pd.DataFrame | None = None):
         # A private folder (mode 0700) for the kernel's connection files, which hold its
         # CurveZMQ and message-signing secrets, and by default for the site's signing key.
         self._dir: str | None = tempfile.mkdtemp(prefix=f"pets-site-{_safe(name)}-")
@@ -103,7 +106,8 @@ class KernelSite(RemoteSite):
         if key_file is None:
             key_file = str(Path(self._dir) / "signing-key.pem")
         super().__init__(name, source, sites=sites, enrollment=enrollment, capacity=capacity,
-                         timeout=timeout, start_timeout=start_timeout, key_file=key_file)
+                         timeout=timeout, start_timeout=start_timeout, key_file=key_file,
+                         population=population)
         self.kernel_name = kernel_name
         self.transport_encryption = transport_encryption
         self._km: Any = None

@@ -95,7 +95,8 @@ class RemoteSite:
     def __init__(self, name: str, source: Source, *, sites: Sequence[str],
                  enrollment: Enrollment, capacity: int = crypto.DEFAULT_SITE_CAPACITY,
                  timeout: float = DEFAULT_TIMEOUT,
-                 start_timeout: float = DEFAULT_START_TIMEOUT, key_file: str | None = None):
+                 start_timeout: float = DEFAULT_START_TIMEOUT, key_file: str | None = None,
+                 population: pd.DataFrame | None = None):
         self.name = name
         self.source = source
         self.timeout = float(timeout)
@@ -114,7 +115,7 @@ class RemoteSite:
         self.restarts = 0
         self.rows_rounded: int | None = None
         self.kernel_info: dict[str, Any] = {}
-        self._population: pd.DataFrame | None = None
+        self._population = population
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.state})"
@@ -128,7 +129,8 @@ class RemoteSite:
 
     @property
     def population(self) -> pd.DataFrame | None:
-        """Public denominators derived from the source description (no rows involved)."""
+        """Public denominators: the configuration's population file, or those derived from
+        the source description (no rows involved)."""
         if self._population is None:
             self._population = self.source.population(self.name)
         return self._population

@@ -114,7 +114,11 @@ def test_example_csv_is_the_documented_synthetic_registry():
                               module.SEED, module.ROWS)
     assert rows.to_csv(index=False, lineterminator="\n") == \
         (EXAMPLES / "registry_example.csv").read_text()
+    person_years = synthetic.population(synthetic.SiteProfile(module.SITE, module.CASES_PER_YEAR))
+    assert person_years.drop(columns=["site"]).to_csv(index=False, lineterminator="\n") == \
+        (EXAMPLES / "registry_example_population.csv").read_text()
     cfg = config.load_config(EXAMPLES / "sites.toml")
+    assert config.read_population(cfg.sites[2].population, "NORDIC").person_years.sum() > 0
     assert cfg.site_names == ("NDRS", "NCI", "NORDIC")
     assert {s.backend for s in cfg.sites} == {"kernel"}
     nordic = cfg.sites[2].source
@@ -179,6 +183,9 @@ def registry_files(tmp_path_factory):
         registry("SQLREG", 22, 700).drop(columns=["site"]).to_sql("registry", conn,
                                                                   index=False)
     engine.dispose()
+    for name, per_year in (("CSVREG", 40), ("SQLREG", 30)):  # public person-years, no site col
+        population(name, per_year).drop(columns=["site"]).to_csv(folder / f"{name}-py.csv",
+                                                                 index=False)
     for backend in ("kernel", "local"):
         (folder / f"{backend}.toml").write_text(f"""
 [federation]
@@ -188,13 +195,19 @@ key_bits = 2048
 name = "CSVREG"
 backend = "{backend}"
 source = {{ kind = "csv", path = "csvreg.csv" }}
+population = "CSVREG-py.csv"
 
 [[sites]]
 name = "SQLREG"
 backend = "{backend}"
 source = {{ kind = "sql", url = "sqlite:///sqlreg.sqlite", table = "registry" }}
+population = "SQLREG-py.csv"
 """)
     return folder
+
+
+def population(site: str, per_year: int) -> pd.DataFrame:
+    return synthetic.population(synthetic.SiteProfile(site, per_year, 0.0))
 
 
 @pytest.fixture(scope="module")
@@ -214,18 +227,45 @@ def file_feds(registry_files):
     pw.Mean(variable="follow_up_months", by=["sex"]),
     pw.Histogram(variable="diagnosis_year"),
     pw.Survival(by="sex", horizon_months=36, interval_months=6),
+    pw.IncidenceRate(by="tumour_group"),
 ], ids=lambda s: s.describe())
 def test_csv_and_sqlite_sites_in_kernels_equal_local_sites_and_pandas(file_feds, spec):
     kernel, local = file_feds["kernel"], file_feds["local"]
     assert [s.backend for s in kernel._sites] == ["kernel", "kernel"]
     got = pw.testing.noiseless(kernel, spec)
     pd.testing.assert_frame_equal(got.table, pw.testing.noiseless(local, spec).table)
-    if not isinstance(spec, pw.Survival):  # survival's own oracle is lifelines (test_survival)
+    # Survival's own oracle is lifelines (test_survival), rates' a hand computation below.
+    if not isinstance(spec, (pw.Survival, pw.IncidenceRate)):
         want = expected(spec, pw.testing.pooled_rows(kernel), kernel.schema)
         np.testing.assert_array_equal(got.table.to_numpy(float), want.to_numpy(float))
     status = kernel.status()
     assert status["rows"].tolist() == [900, 700] and status["alive"].all()
     assert kernel.enclave.key_bits == TEST_KEY_BITS  # the argument overrides the file
+
+
+@pytest.mark.slow
+def test_population_files_give_rates_equal_to_a_hand_computation(file_feds, registry_files):
+    fed = file_feds["kernel"]
+    got = pw.testing.noiseless(fed, pw.IncidenceRate(by="tumour_group")).table
+    rows = pw.testing.pooled_rows(fed)
+    person_years = sum(population(n, p).person_years.sum()
+                       for n, p in (("CSVREG", 40), ("SQLREG", 30)))
+    cases = rows.groupby("tumour_group", observed=False).size()
+    for group, n in cases.items():
+        assert got.loc[group, "cases"] == n
+        assert got.loc[group, "crude_rate"] == pytest.approx(n / person_years * 1e6, rel=1e-12)
+
+
+def test_a_bad_population_file_is_a_config_error_naming_it(tmp_path):
+    (tmp_path / "py.csv").write_text("diagnosis_year,sex,age_band,person_years\n2001,X,<1,5\n")
+    with pytest.raises(pw.ConfigError, match=r"py\.csv.*sex"):
+        config.read_population(str(tmp_path / "py.csv"), "A")
+    with pytest.raises(pw.ConfigError, match="does not exist"):
+        config.read_population(str(tmp_path / "none.csv"), "A")
+    (tmp_path / "other.csv").write_text(
+        "site,diagnosis_year,sex,age_band,person_years\nB,2001,F,<1,5\n")
+    with pytest.raises(pw.ConfigError, match="other sites"):
+        config.read_population(str(tmp_path / "other.csv"), "A")
 
 
 @pytest.mark.slow
