@@ -66,15 +66,17 @@ def test_demo_packing_is_sized_from_the_sites_not_a_fixed_width(tmp_path):
 
 def test_local_sites_run_in_parallel_threads(fed2, monkeypatch):
     assert federation.LocalSite.parallel
+    both_inside = threading.Barrier(2, timeout=30)  # passes only if both sites work at once
     seen: set[str] = set()
     original = federation.LocalSite.respond
 
     def spy(self, request):
         seen.add(threading.current_thread().name)
+        both_inside.wait()
         return original(self, request)
 
     monkeypatch.setattr(federation.LocalSite, "respond", spy)
-    fed2.run(pw.Count(by=["sex"]), epsilon=0.25, analyst="levers")
+    fed2.run(pw.Count(by=["sex"]), epsilon=0.2468, analyst="levers")
     assert len(seen) == 2 and threading.current_thread().name not in seen
 
 
