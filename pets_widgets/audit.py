@@ -110,37 +110,70 @@ class Ledger:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        self._local = threading.local()
+        self._setup_connections()
         with self._connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(SCHEMA)
         self.recover()
 
+    def _setup_connections(self) -> None:
+        #: Open connections by (process id, thread id). A forked child finds its parent's
+        #: here and leaves them alone: a connection is never used, nor closed, across fork.
+        self._connections: dict[tuple[int, int], sqlite3.Connection] = {}
+        self._connections_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path}  # connections stay with their process
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = state["path"]
+        self._setup_connections()
+
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        """This thread's connection, opened on first use (and again in a forked child: a
-        connection must never be used, nor closed, across ``fork``)."""
-        con = getattr(self._local, "con", None)
-        if con is None or self._local.pid != os.getpid():
-            if con is not None:
-                _INHERITED.append(con)  # the parent's: left alone, never closed here
+        """This thread's connection, opened on first use (also in a forked child)."""
+        key = (os.getpid(), threading.get_ident())
+        con = self._connections.get(key)
+        if con is None:
             con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
             con.execute("PRAGMA busy_timeout=60000")
-            self._local.con, self._local.pid = con, os.getpid()
+            with self._connections_lock:
+                self._close_finished_threads()
+                self._connections[key] = con
         yield con
+
+    def _close_finished_threads(self) -> None:
+        """Close the connections of this process's threads that have ended."""
+        pid, alive = os.getpid(), {t.ident for t in threading.enumerate()}
+        for key in [k for k in self._connections if k[0] == pid and k[1] not in alive]:
+            self._connections.pop(key).close()
+
+    def _discard(self, con: sqlite3.Connection) -> None:
+        """Drop a connection whose state is unknown (a failed rollback)."""
+        with self._connections_lock:
+            for key in [k for k, c in self._connections.items() if c is con]:
+                del self._connections[key]
+        with contextlib.suppress(sqlite3.Error):
+            con.close()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """An immediate (write-locked) transaction: committed on success, rolled back on error
-        (including a failed commit, so the thread's connection is never left mid-transaction)."""
+        (including a failed commit), so a kept connection never stays inside a transaction
+        holding the write lock."""
         with self._connect() as con:
+            if con.in_transaction:  # cannot happen through this class; never build on one
+                con.execute("ROLLBACK")
             con.execute("BEGIN IMMEDIATE")
             try:
                 yield con
                 con.execute("COMMIT")
             except BaseException:
-                if con.in_transaction:
-                    con.execute("ROLLBACK")
+                try:
+                    if con.in_transaction:
+                        con.execute("ROLLBACK")
+                except sqlite3.Error:
+                    self._discard(con)
                 raise
 
     def set_meta(self, key: str, value: str) -> None:
@@ -354,11 +387,6 @@ class Ledger:
             rows = con.execute("SELECT DISTINCT analyst FROM audit UNION "
                                "SELECT DISTINCT analyst FROM reservations ORDER BY 1")
             return [r[0] for r in rows]
-
-
-#: Connections inherited from a parent process through ``fork``: kept referenced so that
-#: nothing in the child ever closes them (closing could checkpoint the parent's WAL).
-_INHERITED: list[sqlite3.Connection] = []
 
 
 def _alive(pid: int) -> bool:
