@@ -41,15 +41,14 @@ DEFAULT_SITE_CAPACITY = 2**22
 
 def capacity_for(n_rows: int) -> int:
     """A public packing bound for a site of ``n_rows`` patients: ``n_rows`` rounded up to
-    two significant figures (coarser than the nearest hundred a status display shows).
+    two significant figures, and at least to the next hundred (never finer than the nearest
+    hundred a status display shows).
 
     The bound sets the slot width, so a tight one packs more cells into each ciphertext:
     2 sites of 100,000 patients need 18-bit slots, against 24 bits for the default bound.
     """
-    if n_rows < 1:
-        return 1
-    step = 10 ** max(0, len(str(n_rows)) - 2)
-    return -(-n_rows // step) * step
+    step = max(100, 10 ** (len(str(max(n_rows, 1))) - 2))
+    return max(step, -(-n_rows // step) * step)
 
 
 PublicKey = paillier.PaillierPublicKey
@@ -177,6 +176,10 @@ def _decrypt_half(ciphertext: gmpy2.mpz, prime: gmpy2.mpz, prime_square: gmpy2.m
 def _decrypt_workers() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
                               thread_name_prefix="paillier-decrypt")
+
+
+# A forked child has none of its parent's threads: it starts its own workers when it needs them.
+os.register_at_fork(after_in_child=_decrypt_workers.cache_clear)
 
 
 def encrypt(public_key: PublicKey, plaintexts: Sequence[int],

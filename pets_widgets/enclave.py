@@ -70,6 +70,10 @@ def _noise_worker() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="enclave-noise")
 
 
+# A forked child has none of its parent's threads: it starts its own worker when it needs one.
+os.register_at_fork(after_in_child=_noise_worker.cache_clear)
+
+
 def check_epsilon(epsilon: object) -> Fraction:
     """Validate a requested epsilon and return it as an exact fraction."""
     if isinstance(epsilon, bool) or not isinstance(epsilon, (numbers.Real, Fraction)):
@@ -434,9 +438,9 @@ class Enclave:
                 return self._repeat(admission, stored)
             self.abort(admission, audit.REFUSED, exc.rule, str(exc))
             raise
-        # The noise does not depend on the totals: it is drawn while they are decrypted.
-        noise = _noise_worker().submit(self._noise, admission.layout, eps)
         try:
+            # The noise does not depend on the totals: it is drawn while they are decrypted.
+            noise = _noise_worker().submit(self._noise, admission.layout, eps)
             totals = self._totals(admission, summed)
         except IntegrityError as exc:
             # A decrypted total outside its slots means a site encrypted something no honest
@@ -445,6 +449,9 @@ class Enclave:
             self.ledger.incident(
                 reservation, analyst=admission.analyst, spec_hash=spec.hash,
                 spec_json=spec.to_json(), sites=admission.sites, epsilon=eps, reason=str(exc))
+            raise
+        except BaseException as exc:  # an interrupt, a worker that cannot start: nothing out
+            self._return_reservation(reservation, admission, exc)
             raise
         refusal: QueryRefused | None = None
         try:
@@ -459,13 +466,7 @@ class Enclave:
                     spec_json=spec.to_json(), sites=admission.sites, epsilon=eps,
                     analyst=admission.analyst, payload=payload)
         except BaseException as exc:
-            rule = exc.rule if isinstance(exc, QueryRefused) else "fault"
-            outcome = audit.REFUSED if isinstance(exc, QueryRefused) else audit.FAILED
-            self.ledger.return_reservation(
-                reservation, analyst=admission.analyst, spec_hash=spec.hash,
-                spec_json=spec.to_json(), sites=admission.sites, epsilon=eps, outcome=outcome,
-                rule=rule, reason=str(exc) if isinstance(exc, QueryRefused)
-                else f"{type(exc).__name__} after the budget was reserved; nothing released")
+            self._return_reservation(reservation, admission, exc)
             raise
         if refusal is not None:
             # The refusal was decided on freshly drawn noise: it is a differentially private
@@ -485,6 +486,18 @@ class Enclave:
                 raise InternalError("a concurrent release vanished from the ledger")
             return self._repeat(admission, stored)
         return self._with_budget(release, admission.analyst)
+
+    def _return_reservation(self, reservation: int, admission: Admission,
+                            exc: BaseException) -> None:
+        """Hand a reservation back after a refusal or a fault that released nothing."""
+        refused = isinstance(exc, QueryRefused)
+        self.ledger.return_reservation(
+            reservation, analyst=admission.analyst, spec_hash=admission.spec.hash,
+            spec_json=admission.spec.to_json(), sites=admission.sites,
+            epsilon=admission.epsilon, outcome=audit.REFUSED if refused else audit.FAILED,
+            rule=exc.rule if isinstance(exc, QueryRefused) else "fault",
+            reason=str(exc) if refused
+            else f"{type(exc).__name__} after the budget was reserved; nothing released")
 
     @staticmethod
     def _scale(sensitivity: int, eps: Fraction, share: Fraction) -> Fraction:

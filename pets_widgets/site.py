@@ -8,6 +8,7 @@ attestation, and signed with the site's own key.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +95,7 @@ class Site:
         self._rows = rows.reset_index(drop=True)
         self._codes: dict[str, np.ndarray] = {}
         self._indices: dict[tuple[Dim, ...], np.ndarray] = {}
+        self._indices_lock = threading.Lock()  # concurrent queries may share a site
         self._population = population
         # A site's long-term identity; a fresh one unless the site keeps it (e.g. a key file
         # read inside a site kernel, so a restarted kernel signs with the registered key).
@@ -228,9 +230,10 @@ class Site:
             else:
                 codes = [self._dim_codes(d) for d in dims]
                 index = np.ravel_multi_index(codes, tuple(d.size for d in dims))
-            if len(self._indices) >= _KEPT_INDICES:
-                self._indices.pop(next(iter(self._indices)))
-            self._indices[dims] = index
+            with self._indices_lock:
+                while len(self._indices) >= _KEPT_INDICES:
+                    self._indices.pop(next(iter(self._indices)))
+                self._indices[dims] = index
         return index
 
     def _mask(self, where: Mapping[str, tuple[Any, ...]]) -> np.ndarray:
