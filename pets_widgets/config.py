@@ -5,6 +5,7 @@ Example (``examples/sites.toml`` is a complete one)::
     [federation]                 # optional
     key_bits = 2048              # Paillier key size (an argument to from_config wins)
     timeout = 60                 # seconds a site may take per query call (default 60)
+    ledger = "ledger.sqlite"     # the audit log and budget (default: a temporary file)
 
     [[sites]]
     name = "NDRS"
@@ -61,7 +62,7 @@ if TYPE_CHECKING:
 BACKENDS = ("local", "kernel", "gateway")
 SITE_KEYS = ("name", "backend", "source", "url", "token_env", "kernel_name", "timeout",
              "start_timeout", "key_file", "population")
-FEDERATION_KEYS = ("key_bits", "timeout", "site_capacity")
+FEDERATION_KEYS = ("key_bits", "timeout", "site_capacity", "ledger")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -90,6 +91,13 @@ class FederationConfig:
     key_bits: int | None = None
     site_capacity: int = crypto.DEFAULT_SITE_CAPACITY
     path: str = "<memory>"
+    #: The SQLite audit ledger (absolute once parsed from a file); None: a temporary one.
+    ledger: str | None = None
+
+    @property
+    def synthetic_only(self) -> bool:
+        """Every site holds a seeded synthetic registry (nothing real to protect)."""
+        return all(s.source.kind == "synthetic" for s in self.sites)
 
     @property
     def site_names(self) -> tuple[str, ...]:
@@ -137,7 +145,12 @@ def parse_config(data: Mapping[str, Any], base: Path | None = None,
     capacity = fed.get("site_capacity", crypto.DEFAULT_SITE_CAPACITY)
     if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
         raise ConfigError(f"{label}: site_capacity must be a positive integer")
-    return FederationConfig(sites, key_bits, capacity, label)
+    ledger = fed.get("ledger")
+    if ledger is not None:
+        if not isinstance(ledger, str) or not ledger.strip():
+            raise ConfigError(f"{label}: ledger must be the path of an SQLite file")
+        ledger = str(base / ledger) if base is not None else ledger
+    return FederationConfig(sites, key_bits, capacity, label, ledger)
 
 
 def _positive(value: object, what: str) -> float:
@@ -235,6 +248,8 @@ def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | o
     bits = key_bits or config.key_bits or crypto.DEFAULT_KEY_BITS
     capacity = site_capacity or config.site_capacity
     schema = S.Schema(config.site_names)
+    if ledger is None:
+        ledger = config.ledger
     if not isinstance(ledger, audit.Ledger):
         ledger = audit.Ledger(Path(ledger) if ledger is not None else _temporary_ledger())
     enclave = Enclave(schema, ledger, policy, bits, capacity)

@@ -44,12 +44,20 @@ def check_population(frame: pd.DataFrame, sites: tuple[str, ...]) -> pd.DataFram
         raise ValueError(f"population table lacks columns {missing}; needs "
                          f"{list(POPULATION_COLUMNS)}")
     out = frame.loc[:, list(POPULATION_COLUMNS)].copy()
+    if out.empty:
+        raise ValueError("population table has no rows")
     for name, allowed in (("site", sites), ("sex", S.SEX.categories),
                           ("age_band", S.AGE_BANDS)):
         out[name] = out[name].astype(str)
         if not out[name].isin(allowed).all():
             raise ValueError(f"population column {name!r} holds values outside {list(allowed)}")
-    out["diagnosis_year"] = out["diagnosis_year"].astype(np.int64)
+    years = pd.to_numeric(out["diagnosis_year"], errors="coerce")
+    if years.isna().any() or (years != years.round()).any():
+        raise ValueError("population column 'diagnosis_year' must hold whole years")
+    out["diagnosis_year"] = years.astype(np.int64)
+    if out.duplicated(list(POPULATION_COLUMNS[:-1])).any():
+        raise ValueError("population table lists a (site, diagnosis_year, sex, age_band) "
+                         "more than once: its person-years would be counted twice")
     py = pd.to_numeric(out["person_years"])
     if (py < 0).any() or not np.isfinite(py).all():
         raise ValueError("population person_years must be finite and not negative")

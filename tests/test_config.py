@@ -266,6 +266,12 @@ def test_a_bad_population_file_is_a_config_error_naming_it(tmp_path):
         "site,diagnosis_year,sex,age_band,person_years\nB,2001,F,<1,5\n")
     with pytest.raises(pw.ConfigError, match="other sites"):
         config.read_population(str(tmp_path / "other.csv"), "A")
+    header = "diagnosis_year,sex,age_band,person_years\n"
+    for body, problem in (("", "no rows"), ("2001.7,F,<1,5\n", "whole years"),
+                          ("2001,F,<1,5\n2001,F,<1,6\n", "counted twice")):
+        (tmp_path / "p.csv").write_text(header + body)
+        with pytest.raises(pw.ConfigError, match=problem):
+            config.read_population(str(tmp_path / "p.csv"), "A")
 
 
 @pytest.mark.slow

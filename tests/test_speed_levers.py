@@ -37,9 +37,9 @@ def test_decryption_and_encryption_release_the_gil_only_inside_their_block():
 
 
 @pytest.mark.parametrize(("rows", "capacity"), [
-    (0, 1), (7, 7), (99, 99), (100, 100), (101, 110), (38_001, 39_000), (92_143, 93_000),
-    (100_000, 100_000), (999_999, 1_000_000)])
-def test_capacity_rounds_up_to_two_significant_figures(rows, capacity):
+    (0, 100), (7, 100), (99, 100), (100, 100), (101, 200), (437, 500), (1_001, 1_100),
+    (38_001, 39_000), (92_143, 93_000), (100_000, 100_000), (999_999, 1_000_000)])
+def test_capacity_rounds_up_to_two_significant_figures_and_at_least_a_hundred(rows, capacity):
     assert crypto.capacity_for(rows) == capacity
     assert crypto.capacity_for(rows) >= rows
 
@@ -129,3 +129,46 @@ def test_background_precomputation_waits_a_moment_after_a_query():
         assert len(pool) == 2
     finally:
         pool.close()
+
+
+def _decrypt_in_child(private, ciphertexts, results) -> None:
+    results.put(crypto.decrypt(private, ciphertexts))
+
+
+def test_a_forked_child_decrypts_with_workers_of_its_own():
+    import multiprocessing
+
+    public, private = crypto.generate_paillier_keypair(TEST_KEY_BITS)
+    ciphertexts = crypto.encrypt(public, [3, 4, 5])
+    assert crypto.decrypt(private, ciphertexts) == [3, 4, 5]  # the parent's workers exist
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    child = ctx.Process(target=_decrypt_in_child, args=(private, ciphertexts, results))
+    child.start()
+    assert results.get(timeout=60) == [3, 4, 5]  # the parent's threads are not in the child
+    child.join(30)
+    assert child.exitcode == 0
+
+
+def test_an_interrupt_while_the_totals_decrypt_returns_the_reservation(fresh_fed, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise SystemExit("stopped")  # like the kernel's interrupt button: not an Exception
+
+    monkeypatch.setattr(fresh_fed.enclave, "_totals", interrupted)
+    with pytest.raises(SystemExit):
+        fresh_fed.run(pw.Count(by=["sex"]))
+    assert fresh_fed.budget().analyst_spent == 0
+    last = fresh_fed.audit_log().iloc[-1]
+    assert last.outcome == "failed" and "SystemExit after the budget was reserved" in last.reason
+    monkeypatch.undo()
+    assert fresh_fed.run(pw.Count(by=["sex"])).card.epsilon == 1.0
+
+
+def test_a_ledger_travels_to_another_process_as_its_path(tmp_path):
+    import pickle
+
+    ledger = pw.audit.Ledger(tmp_path / "l.sqlite")
+    ledger.record(analyst="a", spec_hash="h", spec_json="{}", sites=("A",),
+                  epsilon_asked=None, outcome="invalid")
+    copy = pickle.loads(pickle.dumps(ledger))
+    assert copy.path == ledger.path and len(copy.audit_rows()) == 1

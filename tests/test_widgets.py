@@ -333,6 +333,25 @@ def test_dashboard_runs_on_the_sites_of_a_configuration_file(monkeypatch, tmp_pa
     assert app.builder.release is not None, app.builder.message.value
 
 
+def test_a_dashboard_on_real_registry_files_needs_a_lasting_ledger(tmp_path):
+    from pathlib import Path
+
+    csv = Path(__file__).resolve().parents[1] / "examples" / "registry_example.csv"
+    text = (f'[[sites]]\nname = "NORDIC"\nbackend = "local"\n'
+            f'source = {{ kind = "csv", path = "{csv}" }}\n')
+    (tmp_path / "real.toml").write_text("[federation]\nkey_bits = 1024\n" + text)
+    with pytest.raises(pw.ConfigError, match="ledger"):
+        pw.widgets.dashboard(config=tmp_path / "real.toml")
+    (tmp_path / "kept.toml").write_text(
+        '[federation]\nkey_bits = 1024\nledger = "kept.sqlite"\n' + text)
+    for _ in range(2):  # two page loads: one budget, one audit log
+        app = pw.widgets.dashboard(config=tmp_path / "kept.toml")
+        app.builder.kind.value = "count"
+        app.builder.run_button.click()
+    assert app.fed.ledger.path == tmp_path / "kept.sqlite"
+    assert list(app.fed.audit_log().outcome) == ["released", "repeated"]
+
+
 def test_incidence_rates_by_clicking_show_the_rates_their_standard_and_bars(fed):
     qb = pw.widgets.QueryBuilder(fed)
     qb.kind.value = "incidence"

@@ -9,7 +9,8 @@ from typing import Any
 import ipywidgets as W
 
 from pets_widgets import render
-from pets_widgets.errors import PetsError
+from pets_widgets.config import build_federation, load_config
+from pets_widgets.errors import ConfigError, PetsError
 from pets_widgets.federation import Federation, demo_federation
 from pets_widgets.widgets._common import classed, html, log, styles
 from pets_widgets.widgets.audit_view import AuditView
@@ -92,14 +93,21 @@ def dashboard(fed: Federation | None = None, backend: str = "kernel", seed: int 
 
     ``config`` (or, when it is None, the file named by ``$PETS_SITES_CONFIG``) is a TOML site
     configuration (:mod:`pets_widgets.config`): local, kernel or gateway sites, so the same
-    dashboard runs against remote Kernel Gateways by changing the file only. Without
+    dashboard runs against remote Kernel Gateways by changing the file only. A file with any
+    real (non-synthetic) registry must name its ledger (``[federation] ledger``): every page
+    load is a new kernel, and a temporary ledger would give each one a fresh budget. Without
     either, the demo's sites run as separate Jupyter kernels (``backend="kernel"``); when
     kernels cannot be started there, they run in this process and the header says why.
     """
     note = ""
     config = config if config is not None else os.environ.get(CONFIG_ENV) or None
     if fed is None and config is not None:
-        fed = Federation.from_config(config, **kwargs)
+        settings = load_config(config)
+        if settings.ledger is None and "ledger" not in kwargs and not settings.synthetic_only:
+            raise ConfigError(f"{os.fspath(config)}: name the audit ledger ([federation] ledger "
+                              "= \"ledger.sqlite\") so the privacy budget and stored releases "
+                              "last across page loads")
+        fed = build_federation(settings, **kwargs)
         note = f"Sites from the configuration file {os.fspath(config)}."
     if fed is None:
         try:
