@@ -19,16 +19,20 @@ Every row runs one query on the same synthetic sites (local backend) several way
 ``cold`` / ``warm``
     ``fed.run`` end to end (attestation, counting, packing, encryption, signatures, the
     homomorphic sum, verification, decryption, noise, suppression, ledger), each repeat at a
-    new epsilon so nothing comes from stored releases. Cold: no precomputed obfuscators.
-    Warm: the sites' obfuscator pools are refilled between queries, as a dashboard's
-    background threads do while the researcher reads the last result.
+    new epsilon so nothing comes from stored releases. Cold: no precomputed obfuscators,
+    and the sites' cached cell indices are dropped before each run, so every site searches
+    its rows afresh. Warm: the sites' obfuscator pools are refilled between queries, as a
+    dashboard's background threads do while the researcher reads the last result, and the
+    cell indices of recent layouts are kept.
 ``modexp floor``
     the measured cost of the fewest modular exponentiations the query needs: one encryption
     (``r^n mod n^2``) per packed ciphertext per site plus one CRT decryption per packed
     ciphertext, each timed here on this machine, added up as if on one core.
 
-``peak_mb`` is the peak of Python-tracked memory (numpy included) during one warm query;
-``data_mb`` the memory of the sites' rows. Medians of ``--repeats`` runs; naive runs once.
+``peak_mb`` is the peak of Python-tracked memory (numpy included) allocated during one warm
+query; ``data_mb`` the memory of the sites' rows and ``index_mb`` that of the cell indices
+the sites keep (one integer per row for each of their last 8 layouts) after the row's runs.
+Medians of ``--repeats`` runs; naive runs once.
 The kernel rows run the same queries with every site in its own Jupyter kernel (warm: the
 benchmark waits between queries while the kernels refill their pools), beside the local
 backend's warm time. Results are printed and saved as CSV (``--csv``, by default under
@@ -131,6 +135,12 @@ def set_precompute(fed: pw.Federation, on: bool) -> None:
         site.precompute = on
 
 
+def drop_indices(fed: pw.Federation) -> None:
+    """Forget every site's cached cell indices (a layout never asked before)."""
+    for site in local_sites(fed):
+        site._indices.clear()
+
+
 # --------------------------------------------------------------------------- the floors
 def km_from_counts(spec: pw.Survival, counts: np.ndarray) -> None:
     """lifelines' Kaplan-Meier fitted from pooled grid counts, one fit per stratum."""
@@ -187,6 +197,7 @@ class Row:
     modexp_floor_ms: float = math.nan
     peak_mb: float = math.nan
     data_mb: float = math.nan
+    index_mb: float = math.nan
     local_warm_ms: float = math.nan
 
 
@@ -219,8 +230,11 @@ def measure_local(fed: pw.Federation, name: str, spec: pw.QuerySpec, *, repeats:
     fill_pools(fed)  # so no background work runs under the measurements below
 
     set_precompute(fed, False)
-    row.cold_ms = median_ms(run, repeats)
+    row.cold_ms = median_ms(run, repeats, before=lambda: drop_indices(fed))
     set_precompute(fed, True)
+    run()  # this layout's indices are kept again, as after any query
+    row.index_mb = sum(a.nbytes for s in local_sites(fed) for a in s._indices.values()) / 2**20
+    fill_pools(fed)
 
     row.plaintext_ms = median_ms(lambda: plaintext_floor(pooled, spec), repeats)
     vectors = [site._aggregate(spec) for site in local_sites(fed)]
@@ -302,10 +316,10 @@ def print_tables(df: pd.DataFrame) -> None:
         cold_ms_per_ct_site=local.cold_ms / (local.ciphertexts_per_site * local.sites),
         warm_ms_per_cell=local.warm_ms / local.cells)
     print(scale[["query", "key_bits", "sites", "rows_per_site", "cold_ms_per_ct_site",
-                 "warm_ms_per_cell", "data_mb", "peak_mb"]]
+                 "warm_ms_per_cell", "data_mb", "index_mb", "peak_mb"]]
           .to_string(index=False, formatters={c: "{:,.3f}".format for c in
                                               ("cold_ms_per_ct_site", "warm_ms_per_cell")}
-                     | {c: "{:,.1f}".format for c in ("data_mb", "peak_mb")}))
+                     | {c: "{:,.1f}".format for c in ("data_mb", "index_mb", "peak_mb")}))
 
 
 def main(argv: list[str] | None = None) -> None:
