@@ -324,6 +324,43 @@ def print_tables(df: pd.DataFrame) -> None:
                      | {c: "{:,.1f}".format for c in ("data_mb", "index_mb", "peak_mb")}))
 
 
+def markdown(df: pd.DataFrame) -> str:
+    """The README's tables from a saved run: every query at 2048 bits and 100k patients, the
+    two heaviest queries elsewhere in the matrix, and the kernel rows."""
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.1f}"
+        return f"{v:,}" if isinstance(v, int) and v >= 10_000 else str(v)
+
+    def table(part: pd.DataFrame, columns: dict[str, str]) -> str:
+        lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |"
+                  for r in part.to_dict("records")]
+        return "\n".join(lines)
+
+    local = df[df.backend == "local"]
+    base = (local.key_bits == 2048) & (local.rows_per_site == 100_000)
+    heavy = local[~base & local["query"].str.match("survival|count 12x5x4")].assign(
+        query=lambda d: d["query"].str.replace(r" \(.*\)| 5 strata.*", "", regex=True))
+    return "\n\n".join([
+        table(local[base], {"query": "query", "sites": "sites", "cells": "cells",
+                            "ciphertexts_per_site": "ct/site", "plaintext_ms": "plaintext ms",
+                            "naive_ms": "naive ms", "cold_ms": "cold ms", "warm_ms": "warm ms",
+                            "modexp_floor_ms": "modexp floor ms", "naive/warm": "naive/warm",
+                            "naive/cold": "naive/cold",
+                            "cold/(modexp+plain)": "cold/(modexp+plain)"}),
+        table(heavy, {"query": "query", "key_bits": "key", "sites": "sites",
+                      "rows_per_site": "patients/site", "ciphertexts_per_site": "ct/site",
+                      "naive_ms": "naive ms", "cold_ms": "cold ms", "warm_ms": "warm ms",
+                      "naive/warm": "naive/warm", "naive/cold": "naive/cold",
+                      "data_mb": "data MB", "index_mb": "index MB", "peak_mb": "peak MB"}),
+        table(df[df.backend == "kernel"], {"query": "query", "sites": "sites",
+                                           "warm_ms": "kernel warm ms",
+                                           "local_warm_ms": "local warm ms",
+                                           "kernel/local": "kernel/local"}),
+    ])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -333,7 +370,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--naive-cells", type=int, default=None,
                         help="measure naive phe on this many cells per site, scaled")
     parser.add_argument("--csv", type=Path, default=None, help="where to save the table")
+    parser.add_argument("--markdown", type=Path, default=None, metavar="CSV",
+                        help="print the README's tables from a saved run and stop")
     args = parser.parse_args(argv)
+    if args.markdown is not None:
+        print(markdown(pd.read_csv(args.markdown)))
+        return
     if args.quick:
         grid = [(2048, n, 100_000) for n in (2, 10)]
         kernel_grid = [(2048, 2, 100_000)]
