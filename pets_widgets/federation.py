@@ -314,8 +314,8 @@ def demo_federation(seed: int = 7, n_sites: int = 2, rows_per_site: int | None =
     Each site is enrolled with the measurement of an enclave running this code and
     ``policy``: a quietly changed policy is refused at attestation. ``site_capacity`` is the
     public bound on any site's number of patients that sizes the packing slots; by default
-    the largest demo site's size rounded up to two significant figures
-    (:func:`~pets_widgets.crypto.capacity_for`).
+    the largest demo site's size rounded up to two significant figures and at least to the
+    next hundred (:func:`~pets_widgets.crypto.capacity_for`).
     """
     if backend not in ("local", "kernel"):
         raise QueryValidationError("backend", f"{backend!r} is not available for the demo "

@@ -178,16 +178,21 @@ def test_a_forked_child_opens_its_own_connection(tmp_path):
     assert len(ledger.audit_rows("proc")) == 6
 
 
-def test_a_fault_after_the_reservation_returns_it(fresh_fed, monkeypatch):
+@pytest.mark.parametrize(("stage", "fault", "said"), [
+    ("_noisy", RuntimeError("disk on fire"), "nothing released"),
+    # Like the kernel's interrupt button: not an Exception, and while the totals decrypt.
+    ("_totals", SystemExit("stopped"), "SystemExit after the budget was reserved"),
+])
+def test_a_fault_after_the_reservation_returns_it(fresh_fed, monkeypatch, stage, fault, said):
     def boom(*args, **kwargs):
-        raise RuntimeError("disk on fire")
+        raise fault
 
-    monkeypatch.setattr(fresh_fed.enclave, "_noisy", boom)
-    with pytest.raises(RuntimeError):
+    monkeypatch.setattr(fresh_fed.enclave, stage, boom)
+    with pytest.raises(type(fault)):
         fresh_fed.run(pw.Count(by=["sex"]))
     assert fresh_fed.budget().analyst_spent == 0
     last = fresh_fed.audit_log().iloc[-1]
-    assert last.outcome == "failed" and "nothing released" in last.reason
+    assert last.outcome == "failed" and said in last.reason
     monkeypatch.undo()
     fresh_fed.run(pw.Count(by=["sex"]))  # and the next query works
     assert fresh_fed.budget().analyst_spent == 1

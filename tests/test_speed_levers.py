@@ -150,20 +150,6 @@ def test_a_forked_child_decrypts_with_workers_of_its_own():
     assert child.exitcode == 0
 
 
-def test_an_interrupt_while_the_totals_decrypt_returns_the_reservation(fresh_fed, monkeypatch):
-    def interrupted(*args, **kwargs):
-        raise SystemExit("stopped")  # like the kernel's interrupt button: not an Exception
-
-    monkeypatch.setattr(fresh_fed.enclave, "_totals", interrupted)
-    with pytest.raises(SystemExit):
-        fresh_fed.run(pw.Count(by=["sex"]))
-    assert fresh_fed.budget().analyst_spent == 0
-    last = fresh_fed.audit_log().iloc[-1]
-    assert last.outcome == "failed" and "SystemExit after the budget was reserved" in last.reason
-    monkeypatch.undo()
-    assert fresh_fed.run(pw.Count(by=["sex"])).card.epsilon == 1.0
-
-
 def test_a_ledger_travels_to_another_process_as_its_path(tmp_path):
     import pickle
 
