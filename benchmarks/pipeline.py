@@ -64,8 +64,9 @@ from phe import paillier
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pets_widgets as pw
-from pets_widgets import crypto
-from pets_widgets.site import Site
+from pets_widgets.core.packing import Packing
+from pets_widgets.core.paillier import foreground
+from pets_widgets.site.site import Site
 
 QUERIES: dict[str, pw.QuerySpec] = {
     "count by tumour group": pw.Count(by=["tumour_group"]),
@@ -201,9 +202,9 @@ class Row:
     local_warm_ms: float = math.nan
 
 
-def packing_of(fed: pw.Federation, spec: pw.QuerySpec) -> crypto.Packing:
+def packing_of(fed: pw.Federation, spec: pw.QuerySpec) -> Packing:
     layout = spec.layout(fed.schema)
-    return crypto.Packing.for_layout(layout.size, layout.max_contribution, len(fed.site_names),
+    return Packing.for_layout(layout.size, layout.max_contribution, len(fed.site_names),
                                      fed.enclave.key_bits, fed.enclave.site_capacity)
 
 
@@ -273,7 +274,7 @@ def measure_kernels(n_sites: int, rows: int, bits: int, repeats: int,
             run()
             row = Row(name, "kernel", bits, n_sites, rows, packing.n_cells,
                       packing.n_ciphertexts, packing.slot_bits)
-            wait = refill + crypto.foreground.GRACE + 0.2
+            wait = refill + foreground.GRACE + 0.2
             row.warm_ms = median_ms(run, repeats, before=functools.partial(time.sleep, wait))
             base = local.get(name)
             row.local_warm_ms = base.warm_ms if base else math.nan

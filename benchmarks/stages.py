@@ -27,17 +27,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline import POLICY, QUERIES, Epsilons, fill_pools, set_precompute
 
 import pets_widgets as pw
-from pets_widgets import audit, crypto, enclave, site
+from pets_widgets.core.wire import EncryptedAggregate
+from pets_widgets.enclave import enclave
+from pets_widgets.enclave import ledger as audit
+from pets_widgets.site import site
+from pets_widgets.site.site import Site
 
 #: (owner, attribute, stage): the pipeline's steps, in the order a query meets them. Site
 #: stages add up over the sites (which run in parallel threads).
 STAGES = (
     (enclave.Enclave, "admit", "admit"),             # policy, stored releases, budget check
-    (site.Site, "_aggregate", "count"),              # each site's one pass over its rows
-    (crypto, "encrypt", "encrypt"),                  # a multiplication warm, a modexp cold
-    (crypto.EncryptedAggregate, "signed", "sign"),   # Ed25519
+    (Site, "_aggregate", "count"),              # each site's one pass over its rows
+    (site, "encrypt", "encrypt"),                    # a multiplication warm, a modexp cold
+    (EncryptedAggregate, "signed", "sign"),   # Ed25519
     (enclave.Enclave, "_verify", "verify"),          # signatures, nonces, the coordinator's sum
-    (crypto, "decrypt", "decrypt"),                  # CRT halves on every core
+    (enclave, "decrypt", "decrypt"),                 # CRT halves on every core
     (enclave.Enclave, "_noise", "noise"),            # OpenDP, while the totals decrypt
     (enclave.Enclave, "_build", "build"),            # table, suppression, curves, card
     (audit.Ledger, "reserve", "reserve"),            # SQLite transaction (fsync)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pets_widgets import synthetic
+from pets_widgets.site import synthetic
 
 SITE, SEED, ROWS, CASES_PER_YEAR = "NORDIC", 2024, 400, 17
 

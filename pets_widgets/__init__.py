@@ -22,9 +22,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from pets_widgets.audit import Ledger
-from pets_widgets.enclave import Enclave
-from pets_widgets.errors import (
+from pets_widgets.coordinator.federation import Federation, demo_federation
+from pets_widgets.core.card import ParameterCard
+from pets_widgets.core.errors import (
     AttestationError,
     BudgetExceeded,
     ConfigError,
@@ -35,9 +35,8 @@ from pets_widgets.errors import (
     QueryValidationError,
     SiteError,
 )
-from pets_widgets.federation import Federation, demo_federation
-from pets_widgets.privacy import ParameterCard, Policy
-from pets_widgets.query import (
+from pets_widgets.core.policy import Policy
+from pets_widgets.core.query import (
     Count,
     Crosstab,
     Histogram,
@@ -47,29 +46,38 @@ from pets_widgets.query import (
     Survival,
     spec_from_json,
 )
-from pets_widgets.release import Release
-from pets_widgets.schema import Schema, default_schema
+from pets_widgets.core.release import Release
+from pets_widgets.core.schema import Schema, default_schema
+from pets_widgets.enclave.enclave import Enclave
+from pets_widgets.enclave.ledger import Ledger
 
+#: The package version (pyproject.toml reads it from here).
 __version__ = "0.1.0"
 
-__all__ = [
-    "AttestationError", "BudgetExceeded", "ConfigError", "Count", "Crosstab",
-    "DataValidationError", "Enclave", "Federation", "Histogram", "IncidenceRate",
-    "IntegrityError", "Ledger", "Mean", "ParameterCard", "PetsError", "Policy", "QueryRefused",
-    "QuerySpec", "QueryValidationError", "Release", "Schema", "SiteError", "Survival",
-    "default_schema", "demo_federation", "spec_from_json",
+__all__ = [  # noqa: RUF022 (grouped by what a user does, not sorted)
+    # running queries
+    "Federation", "demo_federation",
+    # what to ask
+    "QuerySpec", "Count", "Mean", "Crosstab", "Histogram", "Survival", "IncidenceRate",
+    "spec_from_json", "Schema", "default_schema",
+    # what comes back, and under which rules
+    "Release", "ParameterCard", "Policy", "Enclave", "Ledger",
+    # what can go wrong
+    "PetsError", "QueryValidationError", "QueryRefused", "BudgetExceeded", "SiteError",
+    "AttestationError", "IntegrityError", "DataValidationError", "ConfigError",
 ]
 
-# Submodules reached as attributes (pw.testing, pw.schema...) without being imported by the
-# package itself: the test door stays closed unless a test opens it, and ipywidgets is only
-# imported when a user reaches for pw.widgets.
-_LAZY = ("testing", "schema", "synthetic", "crypto", "privacy", "audit", "query", "site",
-         "enclave", "federation", "release", "survival", "incidence", "standards", "presets",
-         "plots", "sources", "config", "remote", "kernels", "gateway", "site_kernel", "widgets",
-         "forms", "progress", "render", "explore", "serve")
+#: Modules reached as attributes (``pw.schema``, ``pw.presets``...), imported on first use: the
+#: test door stays closed unless a test opens it, and ipywidgets is only imported when a user
+#: reaches for ``pw.widgets``. Everything else is reached by its import path.
+_SUBMODULES = ("schema", "presets", "plots", "survival", "widgets", "testing")
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
+    if name in _SUBMODULES:
         return importlib.import_module(f"pets_widgets.{name}")
     raise AttributeError(f"module 'pets_widgets' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, *_SUBMODULES, "__version__"])

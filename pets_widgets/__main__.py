@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         demo(args.seed)
     elif args.command == "dashboard":
-        from pets_widgets.serve import serve
+        from pets_widgets.ui.serve import serve
 
         return serve(args.notebook, args.port, preheat=not args.no_preheat,
                      config=args.config)

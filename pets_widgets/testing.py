@@ -17,12 +17,12 @@ from fractions import Fraction
 import numpy as np
 import pandas as pd
 
-from pets_widgets import crypto
-from pets_widgets.federation import Federation, LocalSite
-from pets_widgets.privacy import NoiseMechanism
-from pets_widgets.query import QuerySpec
-from pets_widgets.release import Release
-from pets_widgets.site import AggregateRequest
+from pets_widgets.coordinator.federation import Federation, LocalSite
+from pets_widgets.core.paillier import add_encrypted
+from pets_widgets.core.query import QuerySpec
+from pets_widgets.core.release import Release
+from pets_widgets.core.wire import AggregateRequest
+from pets_widgets.enclave.pipeline.noise import NoiseMechanism
 
 
 def noiseless(fed: Federation, spec: QuerySpec) -> Release:
@@ -35,7 +35,7 @@ def noiseless(fed: Federation, spec: QuerySpec) -> Release:
         quote = enclave.issue_nonce(admission, site.name, site.challenge())
         aggregates.append(site.respond(
             AggregateRequest(admission.spec, quote, enclave.public_key, admission.packing)))
-    summed = crypto.add_encrypted(enclave.public_key, [a.ciphertexts for a in aggregates])
+    summed = add_encrypted(enclave.public_key, [a.ciphertexts for a in aggregates])
     return enclave._release_exact(admission, aggregates, summed)
 
 

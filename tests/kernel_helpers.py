@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from pets_widgets.remote import RemoteSite
+from pets_widgets.coordinator.remote import RemoteSite
 
 MARKERS = ("ipykernel", "kernelgateway")
 
@@ -53,7 +53,7 @@ def rss_mb(pid: int) -> float:
 
 # --------------------------------------------------------------------------- faults
 _INSTALL = """\
-import pets_widgets.site_kernel as _k
+import pets_widgets.site.kernel_entry as _k
 if not hasattr(_k, "_test_original"):
     _k._test_original = _k._HANDLERS["respond"]
 def _test_fault(args):
@@ -61,7 +61,7 @@ def _test_fault(args):
 _k._HANDLERS["respond"] = _test_fault
 """
 _RESTORE = """\
-import pets_widgets.site_kernel as _k
+import pets_widgets.site.kernel_entry as _k
 if hasattr(_k, "_test_original"):
     _k._HANDLERS["respond"] = _k._test_original
 """

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 import pets_widgets as pw
-from pets_widgets.release import ALL, TOTAL
+from pets_widgets.core.release import ALL, TOTAL
 
 
 def filtered(rows: pd.DataFrame, spec: pw.QuerySpec, schema: pw.Schema) -> pd.DataFrame:

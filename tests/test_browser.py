@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import pets_widgets as pw
+from pets_widgets.ui.render import plots_available
 from tests import voila
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -78,7 +79,7 @@ def run_query(page) -> None:
 
 
 def expect_plot(page) -> None:
-    if not pw.render.plots_available():
+    if not plots_available():
         return
     img = page.locator(".pw-plot-area img")
     expect(img).to_have_count(1)

@@ -11,9 +11,11 @@ import pandas as pd
 import pytest
 
 import pets_widgets as pw
-from pets_widgets import config, synthetic
-from pets_widgets import schema as S
-from pets_widgets.sources import CsvSource, SqlSource, SyntheticSource, validate_rows
+from pets_widgets.coordinator import config
+from pets_widgets.core import schema as S
+from pets_widgets.site import synthetic
+from pets_widgets.site.sources import CsvSource, ParquetSource, SqlSource, SyntheticSource
+from pets_widgets.site.validation import validate_rows
 
 from .conftest import TEST_KEY_BITS
 from .kernel_helpers import assert_no_kernel_children, kernel_children
@@ -298,7 +300,7 @@ def test_parquet_source(tmp_path):
     pytest.importorskip("pyarrow")
     rows = registry("CSVREG", 4, 120)
     rows.to_parquet(tmp_path / "r.parquet")
-    loaded = pw.sources.ParquetSource(str(tmp_path / "r.parquet")).load(SCHEMA, "CSVREG")
+    loaded = ParquetSource(str(tmp_path / "r.parquet")).load(SCHEMA, "CSVREG")
     assert len(loaded) == 120
 
 

@@ -15,11 +15,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pets_widgets as pw
-from pets_widgets import audit, synthetic
-from pets_widgets.enclave import Enclave, expected_measurement
-from pets_widgets.federation import Federation, LocalSite
-from pets_widgets.privacy import feasible_ranges, primary_suppression, secondary_suppression
-from pets_widgets.site import Enrollment, Site
+from pets_widgets.coordinator.federation import Federation, LocalSite
+from pets_widgets.enclave import ledger as audit
+from pets_widgets.enclave.enclave import Enclave, expected_measurement
+from pets_widgets.enclave.pipeline.suppression import (
+    feasible_ranges,
+    primary_suppression,
+    secondary_suppression,
+)
+from pets_widgets.site import synthetic
+from pets_widgets.site.site import Site
+from pets_widgets.site.trust import Enrollment
 
 from .conftest import TEST_KEY_BITS
 
@@ -257,7 +263,7 @@ def test_structural_zeros_are_published_as_exact_zeros_and_never_used_as_cover(f
     assert table.loc["Leukaemia", "Localised"] == 0 and table.loc["CNS", "Metastatic"] == 0
     assert not release.suppressed.loc["Leukaemia"].any()
     assert release.upper.loc["Leukaemia", "Regional"] == 0
-    from pets_widgets.query import structural_zeros
+    from pets_widgets.core.query import structural_zeros
     spec = release.spec
     known = structural_zeros(spec.layout(fresh_fed.schema), spec.where, fresh_fed.schema)
     hidden = release.suppressed.to_numpy()

@@ -7,10 +7,21 @@ import dataclasses
 import pytest
 
 import pets_widgets as pw
-from pets_widgets import crypto
-from pets_widgets.enclave import Enclave, expected_measurement
-from pets_widgets.federation import Federation, LocalSite
-from pets_widgets.site import Enrollment
+from pets_widgets.coordinator.federation import Federation, LocalSite, aggregate
+from pets_widgets.core.errors import PackingError
+from pets_widgets.core.packing import Packing
+from pets_widgets.core.paillier import (
+    ObfuscatorPool,
+    add_encrypted,
+    encrypt,
+    foreground,
+    key_fingerprint,
+)
+from pets_widgets.core.signing import SigningKey
+from pets_widgets.core.wire import AggregateRequest, EncryptedAggregate, new_nonce
+from pets_widgets.enclave.decryption import decrypt, generate_paillier_keypair
+from pets_widgets.enclave.enclave import Enclave, expected_measurement
+from pets_widgets.site.trust import Enrollment
 
 SPEC = pw.Count(by=["tumour_group"])
 
@@ -49,9 +60,9 @@ def assert_nothing_released(fed: pw.Federation, before_rows: int) -> None:
     # claim another spec
     lambda agg, req: dataclasses.replace(agg, spec_hash=pw.Count().hash),
     # sign garbage with another key
-    lambda agg, req: dataclasses.replace(agg, spec_hash="0" * 64).signed(crypto.SigningKey()),
+    lambda agg, req: dataclasses.replace(agg, spec_hash="0" * 64).signed(SigningKey()),
     # replay: answer with an aggregate for another nonce
-    lambda agg, req: dataclasses.replace(agg, nonce=crypto.new_nonce()),
+    lambda agg, req: dataclasses.replace(agg, nonce=new_nonce()),
 ], ids=["tampered-ciphertext", "wrong-spec-hash", "bad-signature", "replayed-nonce"])
 def test_tampered_aggregates_raise_integrity_error(fresh_fed, rewrite):
     before = len(fresh_fed.audit_log())
@@ -65,13 +76,13 @@ def test_tampered_aggregates_raise_integrity_error(fresh_fed, rewrite):
 def test_correctly_signed_foreign_key_aggregate_is_refused(fresh_fed):
     """A site that encrypts to some other key (and signs it honestly) is caught by the
     fingerprint check before anything is decrypted."""
-    other_pk, _ = crypto.generate_paillier_keypair(1024)
+    other_pk, _ = generate_paillier_keypair(1024)
     site = fresh_fed._sites[0]._site
 
     def rewrite(agg, req):
-        cts = tuple(crypto.encrypt(other_pk, [1] * len(agg.ciphertexts)))
+        cts = tuple(encrypt(other_pk, [1] * len(agg.ciphertexts)))
         forged = dataclasses.replace(agg, ciphertexts=cts,
-                                     key_fingerprint=crypto.key_fingerprint(other_pk))
+                                     key_fingerprint=key_fingerprint(other_pk))
         return forged.signed(site._signing_key)
 
     before = len(fresh_fed.audit_log())
@@ -82,13 +93,13 @@ def test_correctly_signed_foreign_key_aggregate_is_refused(fresh_fed):
 
 def test_tampered_homomorphic_sum_is_caught(fresh_fed, monkeypatch):
     before = len(fresh_fed.audit_log())
-    real = pw.federation.aggregate
+    real = aggregate
 
     def evil(pk, aggregates):
         total = real(pk, aggregates)
         return [total[0] * 2 % pk.nsquare, *total[1:]]
 
-    monkeypatch.setattr("pets_widgets.federation.aggregate", evil)
+    monkeypatch.setattr("pets_widgets.coordinator.federation.aggregate", evil)
     with pytest.raises(pw.IntegrityError, match="aggregator"):
         fresh_fed.run(SPEC)
     assert_nothing_released(fresh_fed, before)
@@ -112,7 +123,7 @@ def test_sites_refuse_an_enclave_whose_policy_was_loosened(fresh_fed):
 
 
 def test_sites_refuse_a_quote_not_signed_by_the_platform(fresh_fed):
-    impostor = crypto.SigningKey()
+    impostor = SigningKey()
     enclave = fresh_fed.enclave
     real_quote = enclave.quote
 
@@ -135,7 +146,7 @@ def test_sites_refuse_a_stale_quote(fresh_fed):
     admission = enclave._admit_exact(SPEC, "t", fresh_fed.site_names)
     old_nonce = site.challenge()
     quote = enclave.quote(old_nonce)
-    request = pw.site.AggregateRequest(SPEC, quote, enclave.public_key, admission.packing)
+    request = AggregateRequest(SPEC, quote, enclave.public_key, admission.packing)
     site.respond(request)  # the first use is fine
     with pytest.raises(pw.AttestationError, match="challenge"):
         site.respond(request)  # a replayed quote is not
@@ -145,19 +156,19 @@ def test_sites_refuse_a_key_the_quote_does_not_name(fresh_fed):
     site = fresh_fed._sites[0]._site
     enclave = fresh_fed.enclave
     admission = enclave._admit_exact(SPEC, "t", fresh_fed.site_names)
-    other_pk, _ = crypto.generate_paillier_keypair(1024)
+    other_pk, _ = generate_paillier_keypair(1024)
     quote = enclave.quote(site.challenge())
     with pytest.raises(pw.AttestationError, match="key"):
-        site.respond(pw.site.AggregateRequest(SPEC, quote, other_pk, admission.packing))
+        site.respond(AggregateRequest(SPEC, quote, other_pk, admission.packing))
 
 
 def test_packing_overflow_is_impossible_and_checked():
-    packing = crypto.Packing.for_layout(n_cells=100, max_contribution=14, n_sites=10,
+    packing = Packing.for_layout(n_cells=100, max_contribution=14, n_sites=10,
                                         key_bits=1024, site_capacity=1000)
     assert packing.slot_bits == (10 * 14 * 1000).bit_length()
-    with pytest.raises(pw.errors.PackingError):
+    with pytest.raises(PackingError):
         packing.pack([14 * 1000 + 1] + [0] * 99)
-    with pytest.raises(pw.errors.PackingError):
+    with pytest.raises(PackingError):
         packing.pack([-1] + [0] * 99)
     # the largest sum over all sites still fits its slot
     full = [packing.cell_bound] * 100
@@ -167,10 +178,10 @@ def test_packing_overflow_is_impossible_and_checked():
 
 @pytest.mark.parametrize("values", [[0], [1, 2, 3], list(range(500))])
 def test_pack_encrypt_sum_decrypt_round_trip(values):
-    pk, sk = crypto.generate_paillier_keypair(1024)
-    packing = crypto.Packing.for_layout(len(values), 1, 3, 1024, site_capacity=1000)
-    enc = [crypto.encrypt(pk, packing.pack(values)) for _ in range(3)]
-    total = crypto.decrypt(sk, crypto.add_encrypted(pk, enc))
+    pk, sk = generate_paillier_keypair(1024)
+    packing = Packing.for_layout(len(values), 1, 3, 1024, site_capacity=1000)
+    enc = [encrypt(pk, packing.pack(values)) for _ in range(3)]
+    total = decrypt(sk, add_encrypted(pk, enc))
     assert packing.unpack(total) == [3 * v for v in values]
     assert packing.n_ciphertexts == len(enc[0])
 
@@ -180,38 +191,38 @@ def test_aggregate_wire_form_round_trips_and_rejects_garbage(fed2):
     site = fed2._sites[1]._site
     admission = enclave._admit_exact(SPEC, "t", fed2.site_names)
     quote = enclave.quote(site.challenge())
-    agg = site.respond(pw.site.AggregateRequest(SPEC, quote, enclave.public_key,
+    agg = site.respond(AggregateRequest(SPEC, quote, enclave.public_key,
                                                 admission.packing))
-    assert crypto.EncryptedAggregate.from_json(agg.to_json()) == agg
+    assert EncryptedAggregate.from_json(agg.to_json()) == agg
     with pytest.raises(pw.IntegrityError):
-        crypto.EncryptedAggregate.from_json('{"site": "NCI"}')
+        EncryptedAggregate.from_json('{"site": "NCI"}')
     with pytest.raises(pw.IntegrityError):
-        crypto.EncryptedAggregate.from_json("garbage")
+        EncryptedAggregate.from_json("garbage")
 
 
 def test_obfuscator_pool_hands_out_each_obfuscator_once():
-    pk, sk = crypto.generate_paillier_keypair(1024)
-    pool = crypto.ObfuscatorPool(pk, target=8, background=False)
+    pk, sk = generate_paillier_keypair(1024)
+    pool = ObfuscatorPool(pk, target=8, background=False)
     pool.fill()
     assert len(pool) == 8
     first = pool.take(5)
     second = pool.take(5)  # 3 from the pool, 2 computed on the spot
     assert len(pool) == 0
     assert len({int(x) for x in first + second}) == 10  # never reused
-    cts = crypto.encrypt(pk, [0, 1, 2**100], pool)
-    assert crypto.decrypt(sk, cts) == [0, 1, 2**100]
-    assert len(set(crypto.encrypt(pk, [7, 7], pool))) == 2  # fresh randomness each time
-    other, _ = crypto.generate_paillier_keypair(1024)
+    cts = encrypt(pk, [0, 1, 2**100], pool)
+    assert decrypt(sk, cts) == [0, 1, 2**100]
+    assert len(set(encrypt(pk, [7, 7], pool))) == 2  # fresh randomness each time
+    other, _ = generate_paillier_keypair(1024)
     with pytest.raises(ValueError):
-        crypto.encrypt(other, [1], pool)
+        encrypt(other, [1], pool)
 
 
 def test_background_pool_fills_between_queries_and_pauses_during_them():
     import time
 
-    pk, _ = crypto.generate_paillier_keypair(1024)
-    with crypto.foreground():
-        pool = crypto.ObfuscatorPool(pk, target=4)
+    pk, _ = generate_paillier_keypair(1024)
+    with foreground():
+        pool = ObfuscatorPool(pk, target=4)
         time.sleep(0.2)
         assert len(pool) == 0  # paused while a query runs
     deadline = time.monotonic() + 30

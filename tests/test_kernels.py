@@ -18,9 +18,10 @@ import pandas as pd
 import pytest
 
 import pets_widgets as pw
-from pets_widgets import crypto
-from pets_widgets.site import AggregateRequest
-from pets_widgets.site_kernel import CALL_TEMPLATE, call_code
+from pets_widgets.core.errors import SiteAttestationError, SiteIntegrityError
+from pets_widgets.core.signing import SigningKey
+from pets_widgets.core.wire import AggregateRequest, new_nonce
+from pets_widgets.site.kernel_entry import CALL_TEMPLATE, call_code
 
 from .conftest import SMALL_ROWS, TEST_KEY_BITS
 from .kernel_helpers import assert_no_kernel_children, faulty_respond, rss_mb, run_in_kernel
@@ -140,7 +141,8 @@ def test_the_coordinator_sends_only_a_fixed_call():
 def test_the_site_kernel_rejects_calls_it_does_not_know(kfed2):
     site = kfed2._sites[0]
     for bad in ("not base64!", "eyJvcCI6ICJleGVjIiwgImFyZ3MiOiB7fX0="):  # {"op": "exec", ...}
-        reply = run_in_kernel(site, f"import pets_widgets.site_kernel as k\nk.handle({bad!r})")
+        code = f"import pets_widgets.site.kernel_entry as k\nk.handle({bad!r})"
+        reply = run_in_kernel(site, code)
         assert reply["ok"] is False and reply["error"] == "QueryValidationError"
     with pytest.raises(pw.SiteError, match="rejected the request") as info:
         site._call("respond", {"request": "{}"}, 10)
@@ -231,24 +233,26 @@ def test_a_hanging_site_times_out_is_interrupted_and_stays_usable(kfed2):
 
 
 @pytest.mark.parametrize(("body", "error", "cause"), [
-    ('return {"aggregate": "garbage"}', pw.errors.SiteIntegrityError, "malformed"),
-    ("return None", pw.errors.SiteIntegrityError, "no result"),
+    ('return {"aggregate": "garbage"}', SiteIntegrityError, "malformed"),
+    ("return None", SiteIntegrityError, "no result"),
     ("raise ZeroDivisionError", pw.SiteError, "ZeroDivisionError in the site kernel"),
     # a correctly signed aggregate for another spec with the same layout
     ("""import json
 request = json.loads(args["request"])
 request["spec"]["where"] = {"sex": ["F"]}
 return _k._test_original({"request": json.dumps(request)})""",
-     pw.errors.SiteIntegrityError, "for another query"),
+     SiteIntegrityError, "for another query"),
     # a correctly signed aggregate encrypted to another enclave key
     ("""import dataclasses
-from pets_widgets import crypto
-agg = crypto.EncryptedAggregate.from_json(_k._test_original(args)["aggregate"])
-pk, _ = crypto.generate_paillier_keypair(1024)
-agg = dataclasses.replace(agg, key_fingerprint=crypto.key_fingerprint(pk),
-                          ciphertexts=tuple(crypto.encrypt(pk, [1] * len(agg.ciphertexts))))
+from pets_widgets.core.paillier import encrypt, key_fingerprint
+from pets_widgets.core.wire import EncryptedAggregate
+from pets_widgets.enclave.decryption import generate_paillier_keypair
+agg = EncryptedAggregate.from_json(_k._test_original(args)["aggregate"])
+pk, _ = generate_paillier_keypair(1024)
+agg = dataclasses.replace(agg, key_fingerprint=key_fingerprint(pk),
+                          ciphertexts=tuple(encrypt(pk, [1] * len(agg.ciphertexts))))
 return {"aggregate": agg.signed(_k._STATE["site"]._signing_key).to_json()}""",
-     pw.errors.SiteIntegrityError, "another enclave key"),
+     SiteIntegrityError, "another enclave key"),
 ], ids=["garbage", "no-result", "exception", "foreign-spec", "foreign-key"])
 def test_a_faulty_reply_aborts_the_query_naming_the_site(kfed2, body, error, cause):
     site = kfed2._sites[1]
@@ -259,7 +263,7 @@ def test_a_faulty_reply_aborts_the_query_naming_the_site(kfed2, body, error, cau
 
 def test_a_quote_the_site_cannot_verify_fails_attestation(kfed2):
     enclave, real = kfed2.enclave, kfed2.enclave.quote
-    impostor = crypto.SigningKey()
+    impostor = SigningKey()
 
     def forged(nonce):
         quote = dataclasses.replace(real(nonce), signature=b"")
@@ -267,7 +271,7 @@ def test_a_quote_the_site_cannot_verify_fails_attestation(kfed2):
 
     enclave.quote = forged  # type: ignore[method-assign]
     try:
-        run_fault(kfed2, pw.errors.SiteAttestationError, "NDRS", "signature does not verify")
+        run_fault(kfed2, SiteAttestationError, "NDRS", "signature does not verify")
     finally:
         del enclave.quote
     next_query_succeeds(kfed2)
@@ -303,7 +307,7 @@ def test_200_mixed_queries_no_crash_no_leak_memory_steady(kfed2):
 
     def stale_request(spec: pw.QuerySpec) -> AggregateRequest:
         admission = enclave._admit_exact(spec, "t", kfed2.site_names)
-        return AggregateRequest(spec, enclave.quote(crypto.new_nonce()), enclave.public_key,
+        return AggregateRequest(spec, enclave.quote(new_nonce()), enclave.public_key,
                                 admission.packing)
 
     def one(i: int) -> None:
@@ -318,7 +322,7 @@ def test_200_mixed_queries_no_crash_no_leak_memory_steady(kfed2):
             with pytest.raises(pw.QueryRefused):
                 kfed2.run(spec, k=1)
         elif kind == 3:  # a replayed quote straight to a site kernel: refused there
-            with pytest.raises(pw.errors.SiteAttestationError):
+            with pytest.raises(SiteAttestationError):
                 sites[i % 2].respond(stale_request(spec))
         else:  # a request the site's own validation rejects
             with pytest.raises(pw.SiteError, match="rejected the request"):

@@ -13,7 +13,7 @@ from fractions import Fraction
 import pytest
 
 import pets_widgets as pw
-from pets_widgets.audit import Ledger, main
+from pets_widgets.enclave.ledger import Ledger, main
 
 from .conftest import SMALL_ROWS, TEST_KEY_BITS
 

@@ -14,7 +14,7 @@ import pytest
 from scipy import stats
 
 import pets_widgets as pw
-from pets_widgets.privacy import OpenDPDiscreteLaplace, noise_interval
+from pets_widgets.enclave.pipeline.noise import OpenDPDiscreteLaplace, noise_interval
 
 from .conftest import make_fed
 

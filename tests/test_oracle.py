@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pets_widgets as pw
-from pets_widgets import schema as S
+from pets_widgets.core import schema as S
 
 from .oracle import expected
 

@@ -13,6 +13,7 @@ from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 
 import pets_widgets as pw
+from pets_widgets.core.release import TOTAL
 
 from .conftest import make_fed
 
@@ -112,7 +113,7 @@ def test_bar_charts_show_released_values_and_mark_hidden_ones(noisy_fed, spec):
         inner = (slice(None, -1), slice(None, -1))
         table, hidden = table.iloc[inner], hidden.iloc[inner]
     elif spec.kind == "count" and len(spec.by) == 2:
-        keep = [i for i, key in enumerate(table.index) if pw.release.TOTAL not in key]
+        keep = [i for i, key in enumerate(table.index) if TOTAL not in key]
         table, hidden = table.iloc[keep], hidden.iloc[keep]
     column = "mean" if spec.kind == "mean" else None
     values = (table[column] if column else table).to_numpy(float).ravel()

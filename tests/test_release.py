@@ -7,6 +7,7 @@ import json
 import pandas as pd
 
 import pets_widgets as pw
+from pets_widgets.core.query import spec_from_dict
 
 
 def test_crosstab_release_shape_display_and_card(fresh_fed):
@@ -43,7 +44,7 @@ def test_export_csv_and_json(fresh_fed):
     if release.suppressed.to_numpy().any():
         assert "<5" in csv
     data = json.loads(release.to_json())
-    assert pw.query.spec_from_dict(data["spec"]) == release.spec
+    assert spec_from_dict(data["spec"]) == release.spec
     assert data["card"]["spec_hash"] == release.spec.hash
 
 

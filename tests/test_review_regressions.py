@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import pets_widgets as pw
-from pets_widgets import crypto
-from pets_widgets.federation import Federation
+from pets_widgets.coordinator.federation import Federation
+from pets_widgets.core.paillier import encrypt
 
 from .test_integrity import Tamper
 
@@ -77,7 +77,7 @@ def test_regression_overflow_probe_is_charged_and_locks_the_federation(fresh_fed
     def rewrite(agg, request):
         packing = request.packing
         huge = packing.pack([packing.cell_bound] * packing.n_cells)
-        forged = [int(c) for c in crypto.encrypt(request.public_key,
+        forged = [int(c) for c in encrypt(request.public_key,
                                                  [m * 2 for m in huge])]
         return dataclasses.replace(agg, ciphertexts=tuple(forged)).signed(site._signing_key)
 
@@ -125,7 +125,7 @@ def test_regression_jupyterhub_user_is_enforced_inside_the_enclave(fresh_fed, mo
 
 
 def test_regression_margin_intervals_allow_for_clamping_bias():
-    from pets_widgets.release import _clamp_bias, _margin_bounds
+    from pets_widgets.enclave.pipeline.tables import _clamp_bias, _margin_bounds
 
     table = np.zeros((3, 4), dtype=np.int64)  # all-zero 2x3 table with margins
     lo, hi = _margin_bounds(table, 1.0, 3)

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import pets_widgets as pw
-from pets_widgets import schema as S
-from pets_widgets import synthetic
+from pets_widgets.core import schema as S
+from pets_widgets.site import synthetic
 
 
 def test_schema_columns_and_kinds():

@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
-from pets_widgets import serve
 from pets_widgets.__main__ import main
+from pets_widgets.ui import serve
 from tests import voila
 
 

@@ -12,26 +12,31 @@ import numpy as np
 import pytest
 
 import pets_widgets as pw
-from pets_widgets import crypto, federation
+from pets_widgets.coordinator import federation
+from pets_widgets.core.packing import Packing, capacity_for
+from pets_widgets.core.paillier import ObfuscatorPool, encrypt, foreground, gil_released
+from pets_widgets.enclave.decryption import decrypt, generate_paillier_keypair
+from pets_widgets.enclave.ledger import Ledger
+from pets_widgets.site.synthetic import N_YEARS, profiles
 
 from .conftest import SMALL_ROWS, TEST_KEY_BITS, make_fed
 
 
 def test_parallel_decryption_equals_phes_raw_decrypt():
-    public, private = crypto.generate_paillier_keypair(TEST_KEY_BITS)
+    public, private = generate_paillier_keypair(TEST_KEY_BITS)
     plaintexts = [0, 1, public.n - 1, *(secrets.randbelow(public.n) for _ in range(9))]
-    ciphertexts = crypto.encrypt(public, plaintexts)
-    assert crypto.decrypt(private, ciphertexts) == plaintexts
-    assert crypto.decrypt(private, ciphertexts) == [private.raw_decrypt(c) for c in ciphertexts]
-    assert crypto.decrypt(private, ciphertexts[:1]) == plaintexts[:1]
-    assert crypto.decrypt(private, []) == []
+    ciphertexts = encrypt(public, plaintexts)
+    assert decrypt(private, ciphertexts) == plaintexts
+    assert decrypt(private, ciphertexts) == [private.raw_decrypt(c) for c in ciphertexts]
+    assert decrypt(private, ciphertexts[:1]) == plaintexts[:1]
+    assert decrypt(private, []) == []
 
 
 def test_decryption_and_encryption_release_the_gil_only_inside_their_block():
     import gmpy2
 
     assert not gmpy2.get_context().allow_release_gil
-    with crypto.gil_released():
+    with gil_released():
         assert gmpy2.get_context().allow_release_gil
     assert not gmpy2.get_context().allow_release_gil
 
@@ -40,8 +45,8 @@ def test_decryption_and_encryption_release_the_gil_only_inside_their_block():
     (0, 100), (7, 100), (99, 100), (100, 100), (101, 200), (437, 500), (1_001, 1_100),
     (38_001, 39_000), (92_143, 93_000), (100_000, 100_000), (999_999, 1_000_000)])
 def test_capacity_rounds_up_to_two_significant_figures_and_at_least_a_hundred(rows, capacity):
-    assert crypto.capacity_for(rows) == capacity
-    assert crypto.capacity_for(rows) >= rows
+    assert capacity_for(rows) == capacity
+    assert capacity_for(rows) >= rows
 
 
 def test_demo_packing_is_sized_from_the_sites_not_a_fixed_width(tmp_path):
@@ -49,12 +54,12 @@ def test_demo_packing_is_sized_from_the_sites_not_a_fixed_width(tmp_path):
                              ledger=tmp_path / "l.sqlite")
     assert fed.enclave.site_capacity == SMALL_ROWS
     layout = pw.Count(by=["tumour_group"]).layout(fed.schema)
-    packing = crypto.Packing.for_layout(layout.size, layout.max_contribution, 2,
+    packing = Packing.for_layout(layout.size, layout.max_contribution, 2,
                                         TEST_KEY_BITS, fed.enclave.site_capacity)
     assert packing.slot_bits == (2 * SMALL_ROWS).bit_length()  # 13 bits, not 24
     default = pw.demo_federation(seed=1, key_bits=TEST_KEY_BITS, ledger=tmp_path / "d.sqlite")
-    largest = max(p.cases_per_year for p in pw.synthetic.profiles(2)) * pw.synthetic.N_YEARS
-    assert default.enclave.site_capacity == crypto.capacity_for(largest)
+    largest = max(p.cases_per_year for p in profiles(2)) * N_YEARS
+    assert default.enclave.site_capacity == capacity_for(largest)
     # An explicit bound still wins, and a site larger than it cannot join.
     wide = pw.demo_federation(seed=1, rows_per_site=500, key_bits=TEST_KEY_BITS,
                               ledger=tmp_path / "w.sqlite", site_capacity=2**22)
@@ -116,13 +121,13 @@ def test_cached_cell_indices_give_the_same_totals_and_stay_bounded(fed2):
 
 
 def test_background_precomputation_waits_a_moment_after_a_query():
-    public, _ = crypto.generate_paillier_keypair(TEST_KEY_BITS)
-    pool = crypto.ObfuscatorPool(public, target=2)
+    public, _ = generate_paillier_keypair(TEST_KEY_BITS)
+    pool = ObfuscatorPool(public, target=2)
     try:
-        with crypto.foreground():
+        with foreground():
             pass
-        time.sleep(crypto.foreground.GRACE / 5)
-        assert crypto.foreground.busy() and len(pool) == 0  # the query's tail goes first
+        time.sleep(foreground.GRACE / 5)
+        assert foreground.busy() and len(pool) == 0  # the query's tail goes first
         deadline = time.monotonic() + 30
         while len(pool) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -132,15 +137,15 @@ def test_background_precomputation_waits_a_moment_after_a_query():
 
 
 def _decrypt_in_child(private, ciphertexts, results) -> None:
-    results.put(crypto.decrypt(private, ciphertexts))
+    results.put(decrypt(private, ciphertexts))
 
 
 def test_a_forked_child_decrypts_with_workers_of_its_own():
     import multiprocessing
 
-    public, private = crypto.generate_paillier_keypair(TEST_KEY_BITS)
-    ciphertexts = crypto.encrypt(public, [3, 4, 5])
-    assert crypto.decrypt(private, ciphertexts) == [3, 4, 5]  # the parent's workers exist
+    public, private = generate_paillier_keypair(TEST_KEY_BITS)
+    ciphertexts = encrypt(public, [3, 4, 5])
+    assert decrypt(private, ciphertexts) == [3, 4, 5]  # the parent's workers exist
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
     child = ctx.Process(target=_decrypt_in_child, args=(private, ciphertexts, results))
@@ -153,7 +158,7 @@ def test_a_forked_child_decrypts_with_workers_of_its_own():
 def test_a_ledger_travels_to_another_process_as_its_path(tmp_path):
     import pickle
 
-    ledger = pw.audit.Ledger(tmp_path / "l.sqlite")
+    ledger = Ledger(tmp_path / "l.sqlite")
     ledger.record(analyst="a", spec_hash="h", spec_json="{}", sites=("A",),
                   epsilon_asked=None, outcome="invalid")
     copy = pickle.loads(pickle.dumps(ledger))

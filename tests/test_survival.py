@@ -15,9 +15,11 @@ from lifelines import KaplanMeierFitter
 from lifelines.statistics import multivariate_logrank_test
 
 import pets_widgets as pw
-from pets_widgets import privacy
-from pets_widgets import survival as sv
-from pets_widgets.release import NoisyBlocks
+from pets_widgets.enclave.enclave import measured_files
+from pets_widgets.enclave.pipeline import survival as sv
+from pets_widgets.enclave.pipeline.noise import noise_interval, noise_sd
+from pets_widgets.enclave.pipeline.tables import NoisyBlocks
+from pets_widgets.site.site import Site
 
 from .conftest import make_fed
 from .oracle import filtered
@@ -56,7 +58,7 @@ def strata_of(rows: pd.DataFrame, spec: pw.Survival, schema: pw.Schema):
 
 def exact_cells(pooled: pd.DataFrame, spec: pw.QuerySpec, schema: pw.Schema) -> np.ndarray:
     """Exact pooled totals of the spec's block: one site holding every pooled row."""
-    return pw.site.Site(schema.sites[0], pooled, schema)._aggregate(spec)
+    return Site(schema.sites[0], pooled, schema)._aggregate(spec)
 
 
 def lifelines_km(rows: pd.DataFrame, spec: pw.Survival) -> KaplanMeierFitter:
@@ -103,7 +105,7 @@ def test_layout_is_one_block_of_sensitivity_one_holding_each_patient_once(fed2, 
     assert block.size == 2 * 4 * (36 // 3 + 1) * 2
     cells = exact_cells(pooled2, spec, fed2.schema)
     assert cells.sum() == len(pooled2)  # a patient is in exactly one cell
-    assert "survival" in pw.enclave.MEASURED_MODULES
+    assert "survival.py" in {p.name for p in measured_files()}
 
 
 def test_presets_are_data_and_build_specs():
@@ -265,7 +267,7 @@ def test_small_strata_are_hidden_and_curves_stop_below_k(fed2):
     noisy = NoisyBlocks({"survival": cells.ravel()}, {"survival": 1.0}, {"survival": 3})
     tables = sv.build_survival(spec, fed2.schema, layout, noisy, 5, 5, suppress=True)
     assert tables.extras["suppressed_strata"] == ("F",)
-    assert tables.extras["smallest_stratum"] == sv.stratum_threshold(5, privacy.noise_sd(1) ** 2,
+    assert tables.extras["smallest_stratum"] == sv.stratum_threshold(5, noise_sd(1) ** 2,
                                                                      2)
     curves = tables.extras["curves"]
     assert curves["survival"]["F"].isna().all()
@@ -304,7 +306,7 @@ def coverage_simulation(fed: pw.Federation, pooled: pd.DataFrame, spec: pw.Survi
     for _ in range(replicates):
         values = np.array(sampler.sample(exact.tolist(), scale), dtype=np.int64)
         noisy = NoisyBlocks({"survival": values}, {"survival": float(scale)},
-                            {"survival": privacy.noise_interval(scale)})
+                            {"survival": noise_interval(scale)})
         curves = sv.build_survival(spec, schema, layout, noisy, 5, 5, True).extras["curves"]
         surv = curves["survival"]
         assert (surv.diff().iloc[1:].fillna(0) <= 0).all().all()
@@ -338,7 +340,7 @@ def test_noise_part_of_the_band_matches_the_spread_of_noisy_curves(fed2, pooled2
     grid = np.array(spec.grid)
     true = sv.kaplan_meier_from_counts(cns[:n_int, 1], cns[:n_int, 0], cns[n_int], grid)
     sampler = pw.testing.seeded_sampler(7)
-    sigma2 = privacy.noise_sd(1) ** 2
+    sigma2 = noise_sd(1) ** 2
     z = []
     for _ in range(200):
         noisy = np.array(sampler.sample(cns.ravel().tolist(), Fraction(1))).reshape(cns.shape)

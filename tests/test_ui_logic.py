@@ -16,8 +16,10 @@ import pandas as pd
 import pytest
 
 import pets_widgets as pw
-from pets_widgets import explore, forms, render
-from pets_widgets.progress import ProgressModel
+from pets_widgets.coordinator.federation import STAGES
+from pets_widgets.coordinator.progress import ProgressModel
+from pets_widgets.enclave.pipeline.noise import noise_interval, noise_sd
+from pets_widgets.ui import explore, forms, render
 from tests.conftest import make_fed
 
 SCHEMA = pw.default_schema()
@@ -143,7 +145,7 @@ def test_progress_follows_a_real_run_per_site_and_stage(fed):
     model.finish(True)
     stages = [s for s, *_ in seen]
     assert stages[0] == "attest" and stages[-1] == "release" and "aggregate" in stages
-    assert [s for s in pw.federation.STAGES if s in stages] == list(pw.federation.STAGES)
+    assert [s for s in STAGES if s in stages] == list(STAGES)
     fractions = [f for _, _, f, _ in seen]
     assert fractions == sorted(fractions) and model.fraction == 1.0
     for stage, site, _, steps in seen:
@@ -244,7 +246,7 @@ def test_discrete_laplace_pmf_and_cdf_agree():
         p = explore.pmf(x, scale)
         assert math.isclose(p.sum(), 1.0, rel_tol=1e-9)
         np.testing.assert_allclose(explore.cdf(x, scale), np.cumsum(p), atol=1e-9)
-        a = pw.privacy.noise_interval(scale)
+        a = noise_interval(scale)
         assert p[np.abs(x) <= a].sum() >= 0.95 > p[np.abs(x) <= a - 1].sum()
 
 
@@ -252,7 +254,7 @@ def test_simulated_noise_has_the_published_spread():
     rng = np.random.default_rng(1)  # a simulation on public data: seeding is fine here
     for scale in (1.0, 4.0):
         draws = explore.sample_noise(200_000, scale, rng)
-        sd = pw.privacy.noise_sd(scale)
+        sd = noise_sd(scale)
         assert abs(draws.std() - sd) < 0.02 * sd and abs(draws.mean()) < 0.05 * sd
 
 
@@ -268,7 +270,7 @@ def test_simulation_intervals_shrink_as_epsilon_grows(reference, fed):
     sims = [explore.simulate(reference, spec, eps, 5, fed.policy) for eps in (0.1, 1.0, 5.0)]
     intervals = [s.blocks[0].interval95 for s in sims]
     assert intervals[0] > intervals[1] > intervals[2]
-    assert intervals[1] == pw.privacy.noise_interval(1.0)
+    assert intervals[1] == noise_interval(1.0)
     assert all(s.count_cells == 24 and 0 < s.expected_hidden < 24 for s in sims)
     assert sims[2].notes and "above the policy maximum" in sims[2].notes[0]
     assert "SIMULATED" in sims[0].release.card.mechanism

@@ -8,7 +8,9 @@ import re
 import pytest
 
 import pets_widgets as pw
-from pets_widgets import forms
+from pets_widgets.ui import forms
+from pets_widgets.ui.render import plots_available
+from pets_widgets.ui.widgets import app as widget_app
 from tests.conftest import make_fed
 
 W = pytest.importorskip("ipywidgets")
@@ -206,7 +208,7 @@ def test_survival_preset_by_clicking(fed):
     assert "<img" in qb.plot.value
 
 
-@pytest.mark.skipif(not pw.render.plots_available(), reason="pw.plots (issue 5) not merged")
+@pytest.mark.skipif(not plots_available(), reason="pw.plots (issue 5) not merged")
 def test_a_plot_appears_with_every_release(fed):
     qb = pw.widgets.QueryBuilder(fed)
     for kind in ("crosstab", "histogram", "mean", "count"):
@@ -255,7 +257,7 @@ def test_explorer_shows_the_kaplan_meier_error(fed):
 
 
 def test_debouncer_coalesces_a_burst_inside_an_event_loop():
-    from pets_widgets.widgets._common import Debouncer
+    from pets_widgets.ui.widgets._common import Debouncer
 
     calls = []
     debounced = Debouncer(lambda x: calls.append(x), wait=0.05)
@@ -296,7 +298,7 @@ def test_audit_view_lists_outcomes_reasons_and_budget(fed):
 
 def test_dashboard_wires_builder_explorer_audit_and_status(fed):
     app = pw.widgets.Dashboard(fed)
-    assert [app.tabs.get_title(i) for i in range(3)] == list(pw.widgets.app.TAB_TITLES)
+    assert [app.tabs.get_title(i) for i in range(3)] == list(widget_app.TAB_TITLES)
     assert "NDRS" in app.status.value and "online" in app.status.value
     app.builder.kind.value = "histogram"
     assert app.explorer.spec == pw.Histogram(variable="age_at_diagnosis")
@@ -307,7 +309,7 @@ def test_dashboard_wires_builder_explorer_audit_and_status(fed):
 
 
 def test_dashboard_without_a_federation_builds_the_demo(monkeypatch, tmp_path):
-    monkeypatch.delenv(pw.widgets.app.CONFIG_ENV, raising=False)
+    monkeypatch.delenv(widget_app.CONFIG_ENV, raising=False)
     app = pw.widgets.dashboard(key_bits=1024, rows_per_site=2_000,
                                ledger=tmp_path / "ledger.sqlite")
     try:
@@ -324,7 +326,7 @@ def test_dashboard_runs_on_the_sites_of_a_configuration_file(monkeypatch, tmp_pa
         "[federation]\nkey_bits = 1024\n"
         + "".join(f'[[sites]]\nname = "{n}"\nbackend = "local"\n'
                   f'source = {{ kind = "synthetic", seed = 3, size = 800 }}\n' for n in "AB"))
-    monkeypatch.setenv(pw.widgets.app.CONFIG_ENV, str(config))  # as the dashboard command sets
+    monkeypatch.setenv(widget_app.CONFIG_ENV, str(config))  # as the dashboard command sets
     app = pw.widgets.dashboard(ledger=tmp_path / "ledger.sqlite")
     assert app.fed.site_names == ("A", "B")
     assert "sites.toml" in app.children[1].children[0].value

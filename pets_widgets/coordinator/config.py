@@ -1,0 +1,317 @@
+"""Site configuration files (TOML): which sites, on which backend, with which data.
+
+Example (``examples/sites.toml`` is a complete one)::
+
+    [federation]                 # optional
+    key_bits = 2048              # Paillier key size (an argument to from_config wins)
+    timeout = 60                 # seconds a site may take per query call (default 60)
+    ledger = "ledger.sqlite"     # the audit log and budget (default: a temporary file)
+
+    [[sites]]
+    name = "NDRS"
+    backend = "kernel"           # local | kernel | gateway
+    source = { kind = "synthetic", seed = 7, size = 3000 }
+
+    [[sites]]
+    name = "NORDIC"
+    backend = "kernel"
+    source = { kind = "csv", path = "registry_example.csv" }    # relative to this file
+
+    [[sites]]
+    name = "SIOP"
+    backend = "gateway"
+    url = "http://10.0.0.5:8888/"
+    token_env = "PETS_SIOP_TOKEN"     # the NAME of the variable holding the token
+    source = { kind = "sql", url = "sqlite:////data/registry.sqlite", table = "registry" }
+
+Sources: ``synthetic`` (seed, size, optional cases_per_year, loss_to_follow_up), ``csv`` and
+``parquet`` (path), ``sql`` (an SQLAlchemy url, and a table or a fixed query). Paths of
+``local`` and ``kernel`` sites are relative to the configuration file; a ``gateway`` site
+reads its source on the gateway's machine, so give paths as that machine sees them. A token
+never appears in the file: the file names the environment variable that holds it.
+Per-site keys: ``timeout``, ``start_timeout``, ``kernel_name`` (default python3),
+``key_file`` (where the site kernel keeps its signing key across restarts) and
+``population``: a CSV file of the site's public person-years (columns ``diagnosis_year``,
+``sex``, ``age_band``, ``person_years``; a ``site`` column is optional), read by the
+coordinator (so relative to this file for every backend) for incidence rates. Synthetic
+sources come with their own; without one, rates are refused for that federation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from pets_widgets.coordinator.remote import DEFAULT_START_TIMEOUT, DEFAULT_TIMEOUT
+from pets_widgets.core import schema as S
+from pets_widgets.core.errors import ConfigError
+from pets_widgets.core.packing import DEFAULT_SITE_CAPACITY
+from pets_widgets.core.paillier import ALLOWED_KEY_BITS, DEFAULT_KEY_BITS
+from pets_widgets.enclave import ledger as audit
+from pets_widgets.site.sources import CsvSource, Source, SqlSource, source_from_dict
+
+if TYPE_CHECKING:
+    from pets_widgets.coordinator.federation import Federation
+    from pets_widgets.core.policy import Policy
+
+BACKENDS = ("local", "kernel", "gateway")
+SITE_KEYS = ("name", "backend", "source", "url", "token_env", "kernel_name", "timeout",
+             "start_timeout", "key_file", "population")
+FEDERATION_KEYS = ("key_bits", "timeout", "site_capacity", "ledger")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One site of a configuration file, validated."""
+
+    name: str
+    backend: str
+    source: Source
+    url: str | None = None
+    token_env: str | None = None
+    kernel_name: str = "python3"
+    timeout: float = DEFAULT_TIMEOUT
+    start_timeout: float = DEFAULT_START_TIMEOUT
+    key_file: str | None = None
+    #: Path of the site's public person-years CSV (absolute once parsed from a file).
+    population: str | None = None
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """A whole configuration file: its sites in order, and federation-wide settings."""
+
+    sites: tuple[SiteConfig, ...]
+    key_bits: int | None = None
+    site_capacity: int = DEFAULT_SITE_CAPACITY
+    path: str = "<memory>"
+    #: The SQLite audit ledger (absolute once parsed from a file); None: a temporary one.
+    ledger: str | None = None
+
+    @property
+    def synthetic_only(self) -> bool:
+        """Every site holds a seeded synthetic registry (nothing real to protect)."""
+        return all(s.source.kind == "synthetic" for s in self.sites)
+
+    @property
+    def site_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.sites)
+
+
+def load_config(path: str | os.PathLike[str]) -> FederationConfig:
+    """Read and check a site configuration file; relative paths are made absolute."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    return parse_config(data, base=path.resolve().parent, label=str(path))
+
+
+def parse_config(data: Mapping[str, Any], base: Path | None = None,
+                 label: str = "<memory>") -> FederationConfig:
+    """Check parsed TOML (a mapping) and build a :class:`FederationConfig`."""
+    unknown = set(data) - {"federation", "sites"}
+    if unknown:
+        raise ConfigError(f"{label}: unknown top-level keys {sorted(unknown)}; allowed: "
+                          "[federation] and [[sites]]")
+    fed = data.get("federation", {})
+    if not isinstance(fed, Mapping):
+        raise ConfigError(f"{label}: [federation] must be a table")
+    bad = set(fed) - set(FEDERATION_KEYS)
+    if bad:
+        raise ConfigError(f"{label}: [federation] has unknown keys {sorted(bad)}; allowed: "
+                          f"{list(FEDERATION_KEYS)}")
+    raw_sites = data.get("sites")
+    if not isinstance(raw_sites, list) or not raw_sites:
+        raise ConfigError(f"{label}: list at least one site as [[sites]] tables")
+    default_timeout = _positive(fed.get("timeout", DEFAULT_TIMEOUT), f"{label}: timeout")
+    sites = tuple(_site(raw, i, label, base, default_timeout) for i, raw in enumerate(raw_sites))
+    names = [s.name for s in sites]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"{label}: site names must be unique; repeated: {duplicates}")
+    key_bits = fed.get("key_bits")
+    if key_bits is not None and key_bits not in ALLOWED_KEY_BITS:
+        raise ConfigError(f"{label}: key_bits must be one of {ALLOWED_KEY_BITS}")
+    capacity = fed.get("site_capacity", DEFAULT_SITE_CAPACITY)
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise ConfigError(f"{label}: site_capacity must be a positive integer")
+    ledger = fed.get("ledger")
+    if ledger is not None:
+        if not isinstance(ledger, str) or not ledger.strip():
+            raise ConfigError(f"{label}: ledger must be the path of an SQLite file")
+        ledger = str(base / ledger) if base is not None else ledger
+    return FederationConfig(sites, key_bits, capacity, label, ledger)
+
+
+def _positive(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{what} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _site(raw: object, index: int, label: str, base: Path | None,
+          default_timeout: float) -> SiteConfig:
+    where = f"{label}: site {index + 1}"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be a table")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{where} needs a name")
+    where = f"{label}: site {name!r}"
+    if "token" in raw or "auth_token" in raw:
+        raise ConfigError(f"{where}: never put a token in the file; put it in an environment "
+                          "variable and give that variable's name as token_env")
+    unknown = set(raw) - set(SITE_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; allowed: {list(SITE_KEYS)}")
+    backend = raw.get("backend", "kernel")
+    if backend not in BACKENDS:
+        raise ConfigError(f"{where}: backend {backend!r} is not one of {list(BACKENDS)}")
+    if "source" not in raw:
+        raise ConfigError(f"{where}: needs a source table (synthetic, csv, parquet or sql)")
+    try:
+        source = source_from_dict(raw["source"])
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if backend != "gateway" and base is not None:
+        source = _anchored(source, base)
+    url, token_env = raw.get("url"), raw.get("token_env")
+    if backend == "gateway":
+        if not isinstance(url, str) or not re.match(r"^https?://", url):
+            raise ConfigError(f"{where}: a gateway site needs url = \"http(s)://host:port/\"")
+        if not isinstance(token_env, str) or not _ENV_NAME.match(token_env):
+            raise ConfigError(f"{where}: a gateway site needs token_env, the name of the "
+                              "environment variable holding its token")
+    elif url is not None or token_env is not None:
+        raise ConfigError(f"{where}: url and token_env are for gateway sites only")
+    key_file = raw.get("key_file")
+    if key_file is not None:
+        key_file = str(key_file)
+        if backend != "gateway" and base is not None:
+            key_file = str(base / key_file)
+    population = raw.get("population")
+    if population is not None:
+        if not isinstance(population, str) or not population.strip():
+            raise ConfigError(f"{where}: population must be the path of a CSV file")
+        population = str(base / population) if base is not None else population
+    return SiteConfig(
+        name=name.strip(), backend=backend, source=source, url=url, token_env=token_env,
+        population=population,
+        kernel_name=str(raw.get("kernel_name", "python3")),
+        timeout=_positive(raw.get("timeout", default_timeout), f"{where}: timeout"),
+        start_timeout=_positive(raw.get("start_timeout", DEFAULT_START_TIMEOUT),
+                                f"{where}: start_timeout"),
+        key_file=key_file)
+
+
+def _anchored(source: Source, base: Path) -> Source:
+    """A local source with its relative paths made absolute against the config's folder."""
+    if isinstance(source, CsvSource):  # also Parquet
+        return replace(source, path=str(base / source.path))
+    if isinstance(source, SqlSource) and source.url.startswith("sqlite:///"):
+        rest = source.url[len("sqlite:///"):]
+        if rest and not rest.startswith("/") and not rest.startswith(":memory:"):
+            return replace(source, url=f"sqlite:///{base / rest}")
+    return source
+
+
+# --------------------------------------------------------------------------- building
+def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | os.PathLike[str]
+                     | None = None, policy: Policy | None = None, key_bits: int | None = None,
+                     site_capacity: int | None = None) -> Federation:
+    """Start every site of ``config`` (in parallel) and return the federation.
+
+    Local sites load their rows in this process; kernel and gateway sites load them inside
+    their own kernels. If any site fails to start, the ones already started are stopped
+    and the error names the site (:class:`SiteError`, or :class:`DataValidationError` for a
+    registry file that does not match the schema).
+    """
+    from pets_widgets.coordinator.federation import Federation, LocalSite, _temporary_ledger
+    from pets_widgets.coordinator.gateway import GatewaySite
+    from pets_widgets.coordinator.kernels import KernelSite
+    from pets_widgets.coordinator.remote import close_sites, start_sites
+    from pets_widgets.core.policy import Policy
+    from pets_widgets.enclave.enclave import Enclave, expected_measurement
+    from pets_widgets.site.site import Site
+    from pets_widgets.site.trust import Enrollment
+
+    policy = policy or Policy()
+    bits = key_bits or config.key_bits or DEFAULT_KEY_BITS
+    capacity = site_capacity or config.site_capacity
+    schema = S.Schema(config.site_names)
+    if ledger is None:
+        ledger = config.ledger
+    if not isinstance(ledger, audit.Ledger):
+        ledger = audit.Ledger(Path(ledger) if ledger is not None else _temporary_ledger())
+    enclave = Enclave(schema, ledger, policy, bits, capacity)
+    enrollment = Enrollment(enclave.platform_key, expected_measurement(policy))
+    backends: list[Any] = []
+    remote: list[Any] = []
+    for sc in config.sites:
+        population = (read_population(sc.population, sc.name) if sc.population is not None
+                      else sc.source.population(sc.name))
+        common = dict(sites=config.site_names, enrollment=enrollment, capacity=capacity,
+                      timeout=sc.timeout, start_timeout=sc.start_timeout, key_file=sc.key_file,
+                      population=population)
+        if sc.backend == "local":
+            rows = sc.source.load(schema, sc.name, capacity)
+            site = Site(sc.name, rows, schema, population, capacity)
+            site.enroll(enrollment)
+            backends.append(LocalSite(site, source=sc.source))
+            continue
+        if sc.backend == "kernel":
+            backend: Any = KernelSite(sc.name, sc.source, kernel_name=sc.kernel_name, **common)
+        else:
+            assert sc.url is not None and sc.token_env is not None
+            backend = GatewaySite(sc.name, sc.source, url=sc.url, token_env=sc.token_env,
+                                  kernel_name=sc.kernel_name, **common)
+        backends.append(backend)
+        remote.append(backend)
+    start_sites(remote)
+    try:
+        return Federation(backends, enclave)
+    except BaseException:
+        close_sites(remote)
+        raise
+
+
+def read_population(path: str, site: str) -> pd.DataFrame:
+    """A site's public person-years from a CSV file, checked against the schema; a
+    :class:`ConfigError` names the file and what is wrong (these are public numbers, so
+    the message may quote them)."""
+    from pets_widgets.enclave.pipeline.incidence import check_population
+
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError:
+        raise ConfigError(f"site {site!r}: population file {path} does not exist") from None
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"site {site!r}: population file {path} cannot be read as CSV "
+                          f"({type(exc).__name__})") from None
+    if "site" not in frame.columns:
+        frame.insert(0, "site", site)
+    elif not (frame["site"].astype(str) == site).all():
+        raise ConfigError(f"site {site!r}: population file {path} holds rows of other sites")
+    try:
+        return check_population(frame, (site,))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"site {site!r}: population file {path}: {exc}") from None
+
+
+def sites_of(names: Sequence[str], sources: Sequence[Source], backend: str,
+             timeout: float = DEFAULT_TIMEOUT) -> FederationConfig:
+    """A configuration of ``backend`` sites with these names and sources (for the demo)."""
+    return FederationConfig(tuple(SiteConfig(n, backend, s, timeout=timeout)
+                                  for n, s in zip(names, sources, strict=True)))

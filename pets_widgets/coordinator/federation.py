@@ -1,0 +1,356 @@
+"""Runs one query across the sites: attest, compute and encrypt at each site, sum, release.
+
+The coordinator here is untrusted: it passes specs and quotes to sites, multiplies their
+ciphertexts (the homomorphic sum) and hands everything to the enclave. It never holds a
+private key, a row or a plaintext aggregate.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import getpass
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+
+from pets_widgets.core import schema as S
+from pets_widgets.core.budget import Budget
+from pets_widgets.core.errors import (
+    AttestationError,
+    IntegrityError,
+    PetsError,
+    QueryValidationError,
+    SiteAttestationError,
+    SiteError,
+    SiteIntegrityError,
+)
+from pets_widgets.core.packing import capacity_for
+from pets_widgets.core.paillier import DEFAULT_KEY_BITS, PublicKey, add_encrypted, foreground
+from pets_widgets.core.policy import Policy
+from pets_widgets.core.query import QuerySpec
+from pets_widgets.core.release import Release
+from pets_widgets.core.signing import VerifyKey
+from pets_widgets.core.wire import AggregateRequest, EncryptedAggregate
+from pets_widgets.enclave import ledger as audit
+from pets_widgets.enclave.enclave import Admission, Enclave, expected_measurement
+from pets_widgets.site import synthetic
+from pets_widgets.site.site import Site
+from pets_widgets.site.trust import Enrollment
+
+#: ``progress(stage, site, fraction_done)``; stage is attest, compute, encrypt (reported when
+#: the site's signed, encrypted aggregate has arrived), aggregate or release.
+Progress = Callable[[str, str | None, float], None]
+STAGES = ("attest", "compute", "encrypt", "aggregate", "release")
+
+
+class SiteBackend(Protocol):
+    """What the coordinator needs from a site, wherever it runs (object, kernel, gateway)."""
+
+    name: str
+    backend: str
+    verify_key: VerifyKey
+
+    def challenge(self) -> str: ...
+
+    def respond(self, request: AggregateRequest) -> EncryptedAggregate: ...
+
+
+class LocalSite:
+    """A :class:`~pets_widgets.site.site.Site` object in this process (the fast default).
+
+    ``source`` is the data source the rows were loaded from, when there is one (sites built
+    from a configuration file); test oracles rebuild pooled rows from it.
+    """
+
+    backend = "local"
+    #: Sites compute and encrypt in parallel threads (gmpy2 releases the GIL while it works).
+    parallel = True
+
+    def __init__(self, site: Site, source: Any = None):
+        self._site = site
+        self.name = site.name
+        self.verify_key = site.verify_key
+        self.source = source
+
+    def challenge(self) -> str:
+        return self._site.challenge()
+
+    def respond(self, request: AggregateRequest) -> EncryptedAggregate:
+        return self._site.respond(request)
+
+    def close(self) -> None:
+        self._site.close()
+
+    def status(self) -> dict[str, Any]:
+        return {"alive": True, "rows": self._site.rows_rounded, "state": "up", "detail": ""}
+
+    @property
+    def population(self) -> pd.DataFrame | None:
+        return self._site.population
+
+
+def aggregate(public_key: PublicKey,
+              aggregates: Sequence[EncryptedAggregate]) -> list[int]:
+    """The untrusted aggregator: multiply the sites' ciphertexts (adds their plaintexts)."""
+    return add_encrypted(public_key, [a.ciphertexts for a in aggregates])
+
+
+def as_site_error(site: str, exc: BaseException) -> SiteError:
+    """Name the site in any failure it caused, keeping the failure's own class where known."""
+    if isinstance(exc, SiteError):
+        return exc
+    if isinstance(exc, AttestationError):
+        return SiteAttestationError(site, str(exc))
+    if isinstance(exc, IntegrityError):
+        return SiteIntegrityError(site, str(exc))
+    if isinstance(exc, PetsError):
+        return SiteError(site, str(exc))
+    return SiteError(site, f"{type(exc).__name__}: {exc}")
+
+
+def resolve_analyst(analyst: str | None) -> str:
+    """The analyst a query is charged to. An authenticated JupyterHub user is the analyst and
+    cannot be renamed; otherwise the name given, or the operating-system user."""
+    hub_user = os.environ.get("JUPYTERHUB_USER")
+    if hub_user:
+        if analyst not in (None, "", hub_user):
+            raise QueryValidationError(
+                "analyst", f"is fixed to the signed-in JupyterHub user {hub_user!r}", [hub_user])
+        return hub_user
+    if analyst is not None and (not isinstance(analyst, str) or not analyst.strip()):
+        raise QueryValidationError("analyst", f"{analyst!r} is not a name", "a non-empty name")
+    if analyst:
+        return analyst.strip()
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "analyst"
+
+
+class Federation:
+    """Sites, an enclave and the coordinator between them. ``run(spec)`` releases a result."""
+
+    def __init__(self, sites: Sequence[SiteBackend], enclave: Enclave):
+        names = tuple(s.name for s in sites)
+        if names != enclave.schema.sites:
+            raise ValueError(f"sites {names} do not match the enclave's {enclave.schema.sites}")
+        self._sites = tuple(sites)
+        self.enclave = enclave
+        self.schema = enclave.schema
+        for site in self._sites:
+            enclave.register_site(site.name, site.verify_key)
+        population = self.population()
+        if not population.empty:  # public denominators only: no patient data moves
+            enclave.register_population(population)
+
+    def __repr__(self) -> str:
+        backends = {s.backend for s in self._sites}
+        return (f"Federation(sites={list(self.site_names)}, backend={'/'.join(sorted(backends))},"
+                f" key_bits={self.enclave.key_bits})")
+
+    @property
+    def site_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self._sites)
+
+    @property
+    def policy(self) -> Policy:
+        return self.enclave.policy
+
+    @property
+    def ledger(self) -> audit.Ledger:
+        return self.enclave.ledger
+
+    # -- running queries ----------------------------------------------------------------------
+    def run(self, spec: QuerySpec, epsilon: float = 1.0, k: int | None = None,
+            analyst: str | None = None, progress: Progress | None = None) -> Release:
+        """Release ``spec`` over all sites: noised at ``epsilon``, cells below ``k`` hidden.
+
+        Raises :class:`QueryValidationError` for bad input, :class:`QueryRefused` (or its
+        :class:`BudgetExceeded`) when the enclave's policy says no, and :class:`SiteError`
+        naming the site when a site fails; in every one of those cases nothing is released
+        and no budget is spent, and the ledger has an audit row saying why.
+        """
+        with foreground():  # background precomputation waits while a query runs
+            return self._run(spec, epsilon, k, analyst, progress)
+
+    def _run(self, spec: QuerySpec, epsilon: float, k: int | None, analyst: str | None,
+             progress: Progress | None) -> Release:
+        report = progress or (lambda stage, site, frac: None)
+        analyst = resolve_analyst(analyst)
+        admitted = self.enclave.admit(spec, epsilon, self.policy.k if k is None else k, analyst,
+                                      self.site_names)
+        if isinstance(admitted, Release):
+            report("release", None, 1.0)
+            return admitted
+        aggregates, summed = self._gather(admitted, report)
+        report("release", None, 0.95)
+        release = self.enclave.release(admitted, aggregates, summed)
+        report("release", None, 1.0)
+        return release
+
+    def _gather(self, admission: Admission,
+                report: Progress) -> tuple[list[EncryptedAggregate], list[int]]:
+        """Collect every site's encrypted aggregate and sum them, or fail naming the site."""
+        n = len(self._sites)
+
+        def one(i_site: tuple[int, SiteBackend]) -> EncryptedAggregate:
+            i, site = i_site
+            try:
+                report("attest", site.name, 0.8 * i / n)
+                nonce = site.challenge()
+                quote = self.enclave.issue_nonce(admission, site.name, nonce)
+                request = AggregateRequest(admission.spec, quote, self.enclave.public_key,
+                                           admission.packing)
+                report("compute", site.name, 0.8 * (i + 0.5) / n)
+                aggregate = site.respond(request)
+            except Exception as exc:
+                raise as_site_error(site.name, exc) from exc
+            if aggregate.site != site.name:
+                raise SiteIntegrityError(site.name, "replied with another site's aggregate")
+            report("encrypt", site.name, 0.8 * (i + 1) / n)
+            return aggregate
+
+        try:
+            if n > 1 and any(getattr(s, "parallel", False) for s in self._sites):
+                with ThreadPoolExecutor(max_workers=n) as pool:
+                    aggregates = list(pool.map(one, enumerate(self._sites)))
+            else:
+                aggregates = [one(pair) for pair in enumerate(self._sites)]
+        except SiteError as exc:
+            self.enclave.abort(admission, audit.FAILED, "site", str(exc))
+            raise
+        report("aggregate", None, 0.85)
+        try:
+            summed = aggregate(self.enclave.public_key, aggregates)
+        except IntegrityError as exc:
+            self.enclave.abort(admission, audit.FAILED, "integrity", str(exc))
+            raise
+        return aggregates, summed
+
+    # -- what the dashboard shows ---------------------------------------------------------------
+    def budget(self, analyst: str | None = None) -> Budget:
+        """Epsilon spent and left for ``analyst`` (default: the current analyst) and overall."""
+        return self.enclave.budget(resolve_analyst(analyst))
+
+    def audit_log(self, analyst: str | None = None) -> pd.DataFrame:
+        """The ledger's audit rows (one analyst's when given) as a DataFrame."""
+        rows = self.ledger.audit_rows(analyst)
+        columns = ["id", "time", "analyst", "spec_hash", "spec_json", "sites", "epsilon_asked",
+                   "epsilon_spent", "outcome", "rule", "reason"]
+        return pd.DataFrame(rows, columns=columns)
+
+    def status(self) -> pd.DataFrame:
+        """Each site's backend, liveness, size (rounded to 100), state (``up``, or ``down``
+        with the cause in ``detail``) and signing-key fingerprint, for the dashboard header.
+        Liveness is asked of the process or the gateway, not of the site's data."""
+        records = []
+        for site in self._sites:
+            info = site.status() if hasattr(site, "status") else {"alive": None, "rows": None}
+            records.append({"site": site.name, "backend": site.backend, **info,
+                            "key_fingerprint": site.verify_key.fingerprint})
+        return pd.DataFrame(records).set_index("site")
+
+    def population(self) -> pd.DataFrame:
+        """Public person-years denominators of every site (not patient data)."""
+        frames = [p for s in self._sites if (p := getattr(s, "population", None)) is not None]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def close(self) -> None:
+        """Stop site kernels, if any, in parallel (local sites need nothing). Kernels are
+        also stopped at interpreter exit; closing twice is harmless."""
+        from pets_widgets.coordinator.remote import close_sites
+
+        close_sites(self._sites)
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str], *,
+                    ledger: audit.Ledger | str | os.PathLike[str] | None = None,
+                    policy: Policy | None = None, key_bits: int | None = None,
+                    site_capacity: int | None = None) -> Federation:
+        """A federation of the sites listed in a TOML configuration file (see
+        :mod:`pets_widgets.coordinator.config`), started in parallel: local, kernel or gateway
+        sites.
+
+        ``ledger`` is the SQLite audit ledger (a temporary file when None); ``key_bits``
+        overrides the file's, which defaults to 2048. Raises :class:`ConfigError` for a bad
+        file, :class:`DataValidationError` for registry data that does not match the schema
+        and :class:`SiteError` naming a site that cannot be started or reached.
+        """
+        from pets_widgets.coordinator.config import build_federation, load_config
+
+        return build_federation(load_config(path), ledger=ledger, policy=policy,
+                                key_bits=key_bits, site_capacity=site_capacity)
+
+    def __enter__(self) -> Federation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _temporary_ledger() -> Path:
+    fd, name = tempfile.mkstemp(prefix="pets-ledger-", suffix=".sqlite")
+    os.close(fd)
+    path = Path(name)
+
+    def remove() -> None:
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                Path(f"{path}{suffix}").unlink()
+
+    atexit.register(remove)
+    return path
+
+
+def demo_federation(seed: int = 7, n_sites: int = 2, rows_per_site: int | None = None, *,
+                    key_bits: int = DEFAULT_KEY_BITS, policy: Policy | None = None,
+                    ledger: str | os.PathLike[str] | None = None, backend: str = "local",
+                    site_capacity: int | None = None) -> Federation:
+    """A federation of synthetic registries: NDRS and NCI by default, seeded and realistic.
+
+    ``backend="local"`` keeps the sites in this process; ``backend="kernel"`` starts each
+    site in its own Jupyter kernel (in parallel), which generates its rows itself; both
+    give the same rows for the same seed. Close a kernel federation with ``fed.close()``
+    or a ``with`` block (it is also closed at interpreter exit).
+    ``ledger`` is the SQLite file of the audit log and budget (a temporary file when None).
+    Each site is enrolled with the measurement of an enclave running this code and
+    ``policy``: a quietly changed policy is refused at attestation. ``site_capacity`` is the
+    public bound on any site's number of patients that sizes the packing slots; by default
+    the largest demo site's size rounded up to two significant figures and at least to the
+    next hundred (:func:`~pets_widgets.core.packing.capacity_for`).
+    """
+    if backend not in ("local", "kernel"):
+        raise QueryValidationError("backend", f"{backend!r} is not available for the demo "
+                                   "(gateway sites need a configuration file: "
+                                   "Federation.from_config)", ["local", "kernel"])
+    policy = policy or Policy()
+    profiles = synthetic.profiles(n_sites, rows_per_site)
+    if site_capacity is None:
+        site_capacity = capacity_for(max(
+            rows_per_site or p.cases_per_year * synthetic.N_YEARS for p in profiles))
+    if backend == "kernel":
+        from pets_widgets.coordinator.config import build_federation, sites_of
+        from pets_widgets.site.sources import SyntheticSource
+
+        sources = [SyntheticSource(seed, rows_per_site, p.cases_per_year, p.loss_to_follow_up)
+                   for p in profiles]
+        config = sites_of([p.name for p in profiles], sources, "kernel")
+        return build_federation(config, ledger=ledger, policy=policy, key_bits=key_bits,
+                                site_capacity=site_capacity)
+    schema = S.Schema(synthetic.site_names(n_sites))
+    ledger_path = Path(ledger) if ledger is not None else _temporary_ledger()
+    enclave = Enclave(schema, audit.Ledger(ledger_path), policy, key_bits, site_capacity)
+    enrollment = Enrollment(enclave.platform_key, expected_measurement(policy))
+    sites = []
+    for profile in profiles:
+        rows = synthetic.registry(profile, seed, rows_per_site)
+        site = Site(profile.name, rows, schema, synthetic.population(profile), site_capacity)
+        site.enroll(enrollment)
+        sites.append(LocalSite(site))
+    return Federation(sites, enclave)

@@ -1,0 +1,136 @@
+"""The wire format shared by all domains: attestation quotes, aggregate requests and signed
+encrypted aggregates, with their JSON forms.
+
+Nothing here carries plaintext: specs, public keys, packing parameters, nonces,
+ciphertexts and signatures only, so every object can travel through untrusted code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass
+
+from pets_widgets.core.errors import (
+    IntegrityError,
+    QueryValidationError,
+)
+from pets_widgets.core.packing import Packing
+from pets_widgets.core.paillier import PublicKey
+from pets_widgets.core.query import QuerySpec, spec_from_dict
+from pets_widgets.core.signing import SigningKey, _canonical
+
+
+# --------------------------------------------------------------------------- attestation
+@dataclass(frozen=True)
+class Quote:
+    """A simulated attestation quote: the enclave's measured identity, bound to a fresh nonce.
+
+    ``measurement`` hashes the enclave's code and policy; ``key_fingerprint`` names the
+    Paillier key whose private half lives inside it; the platform key signs all of it.
+    """
+
+    measurement: str
+    nonce: str
+    key_fingerprint: str
+    policy_hash: str
+    signature: bytes = b""
+
+    def body(self) -> bytes:
+        return _canonical({"measurement": self.measurement, "nonce": self.nonce,
+                           "key_fingerprint": self.key_fingerprint,
+                           "policy_hash": self.policy_hash})
+
+
+def new_nonce() -> str:
+    """A fresh 128-bit challenge (hex) from the OS's secure source."""
+    return secrets.token_hex(16)
+
+
+# --------------------------------------------------------------------------- aggregates
+@dataclass(frozen=True)
+class EncryptedAggregate:
+    """One site's packed, encrypted aggregate for one query, signed by the site.
+
+    Carries no plaintext: only ciphertexts, the spec hash, the query's nonce and the
+    packing parameters (public), so it can travel through untrusted code and kernels.
+    """
+
+    site: str
+    spec_hash: str
+    nonce: str
+    key_fingerprint: str
+    packing: Packing
+    ciphertexts: tuple[int, ...]
+    signature: bytes = b""
+
+    def body(self) -> bytes:
+        digest = hashlib.sha256()
+        for c in self.ciphertexts:
+            digest.update(c.to_bytes((c.bit_length() + 7) // 8 or 1, "big"))
+            digest.update(b"|")
+        return _canonical({"site": self.site, "spec_hash": self.spec_hash, "nonce": self.nonce,
+                           "key_fingerprint": self.key_fingerprint,
+                           "packing": self.packing.to_dict(),
+                           "ciphertexts_sha256": digest.hexdigest()})
+
+    def signed(self, key: SigningKey) -> EncryptedAggregate:
+        return EncryptedAggregate(self.site, self.spec_hash, self.nonce, self.key_fingerprint,
+                                  self.packing, self.ciphertexts, key.sign(self.body()))
+
+    def to_json(self) -> str:
+        """Wire form for kernels and gateways: ciphertexts as hex strings."""
+        return json.dumps({
+            "site": self.site, "spec_hash": self.spec_hash, "nonce": self.nonce,
+            "key_fingerprint": self.key_fingerprint, "packing": self.packing.to_dict(),
+            "ciphertexts": [format(c, "x") for c in self.ciphertexts],
+            "signature": self.signature.hex(),
+        }, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> EncryptedAggregate:
+        """Parse the wire form; any malformed field is an :class:`IntegrityError`."""
+        try:
+            d = json.loads(text)
+            return cls(str(d["site"]), str(d["spec_hash"]), str(d["nonce"]),
+                       str(d["key_fingerprint"]), Packing(**d["packing"]),
+                       tuple(int(c, 16) for c in d["ciphertexts"]), bytes.fromhex(d["signature"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise IntegrityError(f"malformed encrypted aggregate ({type(exc).__name__})") from None
+
+
+@dataclass(frozen=True)
+class AggregateRequest:
+    """Everything a site needs for one query; plain data, so it can cross into a kernel as JSON."""
+
+    spec: QuerySpec
+    quote: Quote
+    public_key: PublicKey
+    packing: Packing
+
+    def to_json(self) -> str:
+        q = self.quote
+        return json.dumps({
+            "spec": self.spec.to_dict(),
+            "quote": {"measurement": q.measurement, "nonce": q.nonce,
+                      "key_fingerprint": q.key_fingerprint, "policy_hash": q.policy_hash,
+                      "signature": q.signature.hex()},
+            "public_key_n": format(self.public_key.n, "x"),
+            "packing": self.packing.to_dict(),
+        }, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> AggregateRequest:
+        """Parse and re-validate a request; the spec is checked again against the schema."""
+        try:
+            d = json.loads(text)
+            q = d["quote"]
+            quote = Quote(q["measurement"], q["nonce"], q["key_fingerprint"],
+                                 q["policy_hash"], bytes.fromhex(q["signature"]))
+            public_key = PublicKey(int(d["public_key_n"], 16))
+            packing = Packing(**d["packing"])
+            raw_spec = d["spec"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise QueryValidationError("request", f"malformed ({type(exc).__name__})") from None
+        return cls(spec_from_dict(raw_spec), quote, public_key, packing)
