@@ -28,8 +28,10 @@ from pipeline import POLICY, QUERIES, Epsilons, fill_pools, set_precompute
 
 import pets_widgets as pw
 from pets_widgets.core.wire import EncryptedAggregate
-from pets_widgets.enclave import enclave
+from pets_widgets.enclave import decryption, enclave, releaser
 from pets_widgets.enclave import ledger as audit
+from pets_widgets.enclave.decryption import Decryptor
+from pets_widgets.enclave.releaser import Releaser
 from pets_widgets.site import site
 from pets_widgets.site.site import Site
 
@@ -40,10 +42,10 @@ STAGES = (
     (Site, "_aggregate", "count"),              # each site's one pass over its rows
     (site, "encrypt", "encrypt"),                    # a multiplication warm, a modexp cold
     (EncryptedAggregate, "signed", "sign"),   # Ed25519
-    (enclave.Enclave, "_verify", "verify"),          # signatures, nonces, the coordinator's sum
-    (enclave, "decrypt", "decrypt"),                 # CRT halves on every core
-    (enclave.Enclave, "_noise", "noise"),            # OpenDP, while the totals decrypt
-    (enclave.Enclave, "_build", "build"),            # table, suppression, curves, card
+    (Decryptor, "verify", "verify"),                 # signatures, nonces, the coordinator's sum
+    (decryption, "decrypt", "decrypt"),              # CRT halves on every core
+    (releaser, "draw_noise", "noise"),               # OpenDP, while the totals decrypt
+    (Releaser, "build", "build"),                    # table, suppression, curves, card
     (audit.Ledger, "reserve", "reserve"),            # SQLite transaction (fsync)
     (audit.Ledger, "commit_release", "commit"),      # release and audit row, one transaction
 )

@@ -18,25 +18,48 @@ import numpy as np
 import pandas as pd
 
 from pets_widgets.coordinator.federation import Federation, LocalSite
-from pets_widgets.core.paillier import add_encrypted
 from pets_widgets.core.query import QuerySpec
 from pets_widgets.core.release import Release
-from pets_widgets.core.wire import AggregateRequest
+from pets_widgets.core.wire import EncryptedAggregate
+from pets_widgets.enclave import ledger as audit
+from pets_widgets.enclave.admission import Admission
+from pets_widgets.enclave.enclave import Enclave
 from pets_widgets.enclave.pipeline.noise import NoiseMechanism
+from pets_widgets.enclave.pipeline.release import EXACT_MECHANISM, build_release, exact_blocks
+
+
+def admit_exact(enclave: Enclave, spec: QuerySpec, analyst: str,
+                sites: Sequence[str]) -> Admission:
+    """An open admission for the exact door: validated, but no policy, budget or stored
+    release (the enclave's own ``admit`` applies all three)."""
+    spec = spec.validate(enclave.schema).canonical(enclave.schema)
+    admission = enclave._admission(spec, Fraction(1), enclave.policy.k, analyst, tuple(sites))
+    enclave._open.open(admission)
+    return admission
+
+
+def release_exact(enclave: Enclave, admission: Admission,
+                  aggregates: Sequence[EncryptedAggregate], summed: Sequence[int]) -> Release:
+    """Exact totals of verified aggregates: no noise, no suppression, no budget (an audit
+    row records the test use). For oracle tests only."""
+    admission, nonces = enclave._open.take(admission)
+    enclave._decryptor.verify(admission, nonces, aggregates, summed)
+    totals = enclave._decryptor.totals(admission, summed)
+    enclave.ledger.record(admission.record, audit.TEST, rule="test",
+                          reason="exact totals through pets_widgets.testing")
+    return build_release(admission.spec, enclave.schema, admission.layout, exact_blocks(totals),
+                         admission.epsilon, admission.k, enclave.policy,
+                         enclave._gate.public_inputs(admission.spec.kind),
+                         mechanism=EXACT_MECHANISM, sites=admission.sites,
+                         analyst=admission.analyst, suppress=False)
 
 
 def noiseless(fed: Federation, spec: QuerySpec) -> Release:
-    """A Release from exact totals: the full encrypted pipeline, with no noise, no
-    suppression and no budget (an audit row records the test use)."""
-    enclave = fed.enclave
-    admission = enclave._admit_exact(spec, "pets_widgets.testing", fed.site_names)
-    aggregates = []
-    for site in fed._sites:
-        quote = enclave.issue_nonce(admission, site.name, site.challenge())
-        aggregates.append(site.respond(
-            AggregateRequest(admission.spec, quote, enclave.public_key, admission.packing)))
-    summed = add_encrypted(enclave.public_key, [a.ciphertexts for a in aggregates])
-    return enclave._release_exact(admission, aggregates, summed)
+    """A Release from exact totals: the full encrypted pipeline (the federation's own gather
+    of every site's aggregate), with no noise, no suppression and no budget."""
+    admission = admit_exact(fed.enclave, spec, "pets_widgets.testing", fed.site_names)
+    aggregates, summed = fed._gather(admission, lambda stage, site, frac: None)
+    return release_exact(fed.enclave, admission, aggregates, summed)
 
 
 def site_rows(fed: Federation, site: object) -> pd.DataFrame:
@@ -121,13 +144,13 @@ def seeded_sampler(seed: int) -> SeededDiscreteLaplace:
 @contextlib.contextmanager
 def use_mechanism(fed: Federation, mechanism: NoiseMechanism) -> Iterator[Federation]:
     """Run ``fed``'s enclave with another noise mechanism inside the ``with`` block."""
-    enclave = fed.enclave
-    old = enclave._mechanism
-    enclave._mechanism = mechanism
+    releaser = fed.enclave._releaser
+    old = releaser.mechanism
+    releaser.mechanism = mechanism
     try:
         yield fed
     finally:
-        enclave._mechanism = old
+        releaser.mechanism = old
 
 
 def pandas_counts(rows: pd.DataFrame, by: Sequence[str]) -> np.ndarray:

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 import pets_widgets as pw
+from pets_widgets import testing
 from pets_widgets.coordinator.federation import Federation, LocalSite, aggregate
 from pets_widgets.core.errors import PackingError
 from pets_widgets.core.packing import Packing
@@ -143,7 +144,7 @@ def test_sites_refuse_a_quote_not_signed_by_the_platform(fresh_fed):
 def test_sites_refuse_a_stale_quote(fresh_fed):
     site = fresh_fed._sites[0]._site
     enclave = fresh_fed.enclave
-    admission = enclave._admit_exact(SPEC, "t", fresh_fed.site_names)
+    admission = testing.admit_exact(enclave, SPEC, "t", fresh_fed.site_names)
     old_nonce = site.challenge()
     quote = enclave.quote(old_nonce)
     request = AggregateRequest(SPEC, quote, enclave.public_key, admission.packing)
@@ -155,7 +156,7 @@ def test_sites_refuse_a_stale_quote(fresh_fed):
 def test_sites_refuse_a_key_the_quote_does_not_name(fresh_fed):
     site = fresh_fed._sites[0]._site
     enclave = fresh_fed.enclave
-    admission = enclave._admit_exact(SPEC, "t", fresh_fed.site_names)
+    admission = testing.admit_exact(enclave, SPEC, "t", fresh_fed.site_names)
     other_pk, _ = generate_paillier_keypair(1024)
     quote = enclave.quote(site.challenge())
     with pytest.raises(pw.AttestationError, match="key"):
@@ -189,7 +190,7 @@ def test_pack_encrypt_sum_decrypt_round_trip(values):
 def test_aggregate_wire_form_round_trips_and_rejects_garbage(fed2):
     enclave = fed2.enclave
     site = fed2._sites[1]._site
-    admission = enclave._admit_exact(SPEC, "t", fed2.site_names)
+    admission = testing.admit_exact(enclave, SPEC, "t", fed2.site_names)
     quote = enclave.quote(site.challenge())
     agg = site.respond(AggregateRequest(SPEC, quote, enclave.public_key,
                                                 admission.packing))

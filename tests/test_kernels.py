@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 import pets_widgets as pw
+from pets_widgets import testing
 from pets_widgets.core.errors import SiteAttestationError, SiteIntegrityError
 from pets_widgets.core.signing import SigningKey
 from pets_widgets.core.wire import AggregateRequest, new_nonce
@@ -306,7 +307,7 @@ def test_200_mixed_queries_no_crash_no_leak_memory_steady(kfed2):
     enclave = kfed2.enclave
 
     def stale_request(spec: pw.QuerySpec) -> AggregateRequest:
-        admission = enclave._admit_exact(spec, "t", kfed2.site_names)
+        admission = testing.admit_exact(enclave, spec, "t", kfed2.site_names)
         return AggregateRequest(spec, enclave.quote(new_nonce()), enclave.public_key,
                                 admission.packing)
 

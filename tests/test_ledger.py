@@ -13,7 +13,7 @@ from fractions import Fraction
 import pytest
 
 import pets_widgets as pw
-from pets_widgets.enclave.ledger import Ledger, main
+from pets_widgets.enclave.ledger import Ledger, QueryRecord, main
 
 from .conftest import SMALL_ROWS, TEST_KEY_BITS
 
@@ -95,14 +95,12 @@ def _spend_in_process(ledger_path: str | Ledger, worker: int, results) -> None:
     got = 0
     for i in range(6):
         try:
-            rid = ledger.reserve(analyst="proc", spec_hash=f"{worker}-{i}",
-                                 epsilon=Fraction(1, 2), analyst_budget=Fraction(4),
+            query = QueryRecord("proc", f"{worker}-{i}", "{}", ("A",), Fraction(1, 2))
+            rid = ledger.reserve(query, analyst_budget=Fraction(4),
                                  federation_budget=Fraction(4))
         except pw.BudgetExceeded:
             continue
-        ledger.commit_release(rid, release_key=f"{worker}-{i}", spec_hash=f"{worker}-{i}",
-                              spec_json="{}", sites=("A",), epsilon=Fraction(1, 2),
-                              analyst="proc", payload="{}")
+        ledger.commit_release(rid, query, release_key=f"{worker}-{i}", payload="{}")
         got += 1
     results.put(got)
 
@@ -164,8 +162,8 @@ def test_two_processes_running_queries_cannot_overspend_and_audit_every_refusal(
 
 def test_a_forked_child_opens_its_own_connection(tmp_path):
     ledger = Ledger(tmp_path / "forked.sqlite")
-    ledger.record(analyst="parent", spec_hash="p", spec_json="{}", sites=("A",),
-                  epsilon_asked=None, outcome="invalid")  # the parent's connection is open
+    # the parent's connection is open
+    ledger.record(QueryRecord("parent", "p", "{}", ("A",), None), "invalid")
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
     child = ctx.Process(target=_spend_in_process, args=(ledger, 9, results))
@@ -178,16 +176,17 @@ def test_a_forked_child_opens_its_own_connection(tmp_path):
     assert len(ledger.audit_rows("proc")) == 6
 
 
-@pytest.mark.parametrize(("stage", "fault", "said"), [
-    ("_noisy", RuntimeError("disk on fire"), "nothing released"),
+@pytest.mark.parametrize(("part", "stage", "fault", "said"), [
+    ("_releaser", "_noisy", RuntimeError("disk on fire"), "nothing released"),
     # Like the kernel's interrupt button: not an Exception, and while the totals decrypt.
-    ("_totals", SystemExit("stopped"), "SystemExit after the budget was reserved"),
+    ("_decryptor", "totals", SystemExit("stopped"), "SystemExit after the budget was reserved"),
 ])
-def test_a_fault_after_the_reservation_returns_it(fresh_fed, monkeypatch, stage, fault, said):
+def test_a_fault_after_the_reservation_returns_it(fresh_fed, monkeypatch, part, stage, fault,
+                                                   said):
     def boom(*args, **kwargs):
         raise fault
 
-    monkeypatch.setattr(fresh_fed.enclave, stage, boom)
+    monkeypatch.setattr(getattr(fresh_fed.enclave, part), stage, boom)
     with pytest.raises(type(fault)):
         fresh_fed.run(pw.Count(by=["sex"]))
     assert fresh_fed.budget().analyst_spent == 0
@@ -204,7 +203,7 @@ import pets_widgets as pw
 fed = pw.demo_federation(seed=3, rows_per_site=500, key_bits=1024, ledger=sys.argv[1])
 def die(*a, **k):
     os._exit(17)   # the process dies between the reservation and the release
-fed.enclave._noisy = die
+fed.enclave._releaser._noisy = die
 fed.run(pw.Count(by=["sex"]), analyst="crashy")
 """
 

@@ -61,12 +61,12 @@ def test_regression_another_k_is_another_release_and_hidden_cells_stay_hidden(fr
 def test_regression_policy_cannot_be_swapped_after_attestation(fresh_fed):
     with pytest.raises(AttributeError):
         fresh_fed.enclave.policy = pw.Policy(k=1)  # type: ignore[misc]
-    fresh_fed.enclave._policy = pw.Policy(k=1, min_subset=0)
+    fresh_fed.enclave._gate._policy = pw.Policy(k=1, min_subset=0)
     try:
         with pytest.raises(pw.AttestationError, match="measurement"):
             fresh_fed.run(pw.Count(by=["subtype"]), k=1)
     finally:
-        fresh_fed.enclave._policy = pw.Policy()
+        fresh_fed.enclave._gate._policy = pw.Policy()
 
 
 def test_regression_overflow_probe_is_charged_and_locks_the_federation(fresh_fed):

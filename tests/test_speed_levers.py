@@ -16,7 +16,7 @@ from pets_widgets.coordinator import federation
 from pets_widgets.core.packing import Packing, capacity_for
 from pets_widgets.core.paillier import ObfuscatorPool, encrypt, foreground, gil_released
 from pets_widgets.enclave.decryption import decrypt, generate_paillier_keypair
-from pets_widgets.enclave.ledger import Ledger
+from pets_widgets.enclave.ledger import Ledger, QueryRecord
 from pets_widgets.site.synthetic import N_YEARS, profiles
 
 from .conftest import SMALL_ROWS, TEST_KEY_BITS, make_fed
@@ -159,7 +159,6 @@ def test_a_ledger_travels_to_another_process_as_its_path(tmp_path):
     import pickle
 
     ledger = Ledger(tmp_path / "l.sqlite")
-    ledger.record(analyst="a", spec_hash="h", spec_json="{}", sites=("A",),
-                  epsilon_asked=None, outcome="invalid")
+    ledger.record(QueryRecord("a", "h", "{}", ("A",), None), "invalid")
     copy = pickle.loads(pickle.dumps(ledger))
     assert copy.path == ledger.path and len(copy.audit_rows()) == 1

@@ -18,6 +18,7 @@ import pytest
 import pets_widgets as pw
 from pets_widgets.coordinator.federation import STAGES
 from pets_widgets.coordinator.progress import ProgressModel
+from pets_widgets.enclave.pipeline import release as pipeline
 from pets_widgets.enclave.pipeline.noise import noise_interval, noise_sd
 from pets_widgets.ui import explore, forms, render
 from tests.conftest import make_fed
@@ -308,4 +309,22 @@ def test_the_explorer_spends_no_budget_and_writes_no_audit_row(fed, reference):
 
 
 def test_block_scale_is_the_enclaves():
-    assert explore.block_scale(14, Fraction(1), Fraction(1, 2)) == 28
+    assert pipeline.block_scale(14, Fraction(1), Fraction(1, 2)) == 28
+
+
+@pytest.mark.parametrize("spec", [pw.Crosstab(rows="sex", cols="age_band"),
+                                  pw.Count(by=["tumour_group"], where={"sex": ["F"]})])
+def test_a_card_rule_changed_in_one_place_shows_in_a_release_and_a_simulation(
+        fed, reference, monkeypatch, spec):
+    """The explorer runs the enclave's own pipeline: it cannot describe a release differently
+    (it once dropped the secondary rule's "to within" clause and the tables' own rule)."""
+    monkeypatch.setattr(pipeline, "PRIMARY_RULE", "primary: CHANGED IN ONE PLACE, k={k}")
+    monkeypatch.setattr(pipeline, "SECONDARY_RULE", "secondary: within {protection}")
+    released = fed.run(spec, analyst="one-pipeline")
+    simulated = explore.simulate(reference, spec, 1.0, 5).release
+    assert released.card.suppression_rule == simulated.card.suppression_rule
+    assert released.card.suppression_rule.startswith("primary: CHANGED IN ONE PLACE, k=5")
+    if isinstance(spec, pw.Crosstab):
+        assert f"secondary: within {fed.policy.protection}" in released.card.suppression_rule
+    assert released.card.postprocessing == simulated.card.postprocessing
+    assert released.card.components == simulated.card.components

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import getpass
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ from typing import Any, Protocol
 import pandas as pd
 
 from pets_widgets.core import schema as S
+from pets_widgets.core.analyst import resolve_analyst
 from pets_widgets.core.budget import Budget
 from pets_widgets.core.errors import (
     AttestationError,
@@ -112,25 +112,6 @@ def as_site_error(site: str, exc: BaseException) -> SiteError:
     if isinstance(exc, PetsError):
         return SiteError(site, str(exc))
     return SiteError(site, f"{type(exc).__name__}: {exc}")
-
-
-def resolve_analyst(analyst: str | None) -> str:
-    """The analyst a query is charged to. An authenticated JupyterHub user is the analyst and
-    cannot be renamed; otherwise the name given, or the operating-system user."""
-    hub_user = os.environ.get("JUPYTERHUB_USER")
-    if hub_user:
-        if analyst not in (None, "", hub_user):
-            raise QueryValidationError(
-                "analyst", f"is fixed to the signed-in JupyterHub user {hub_user!r}", [hub_user])
-        return hub_user
-    if analyst is not None and (not isinstance(analyst, str) or not analyst.strip()):
-        raise QueryValidationError("analyst", f"{analyst!r} is not a name", "a non-empty name")
-    if analyst:
-        return analyst.strip()
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "analyst"
 
 
 class Federation:

@@ -21,13 +21,13 @@ import sqlite3
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from pets_widgets.core.budget import Budget
+from pets_widgets.core.budget import Budget, overspend
 from pets_widgets.core.clock import now
-from pets_widgets.core.errors import BudgetExceeded
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -89,6 +89,26 @@ TEST = "test-noiseless"
 
 #: The account that pays for noisy checks whose answer was a refusal (federation budget only).
 FEDERATION_CHECKS = "(federation checks)"
+
+
+@dataclass(frozen=True)
+class QueryRecord:
+    """Who asked what of which sites at which epsilon: the five facts every audit row, budget
+    reservation and stored release is written with (``epsilon`` is None for a request that
+    was invalid before an epsilon could be read)."""
+
+    analyst: str
+    spec_hash: str
+    spec_json: str
+    sites: tuple[str, ...]
+    epsilon: Fraction | None
+
+    @property
+    def charge(self) -> Fraction:
+        """The epsilon to reserve, spend or store (a valid request always has one)."""
+        if self.epsilon is None:
+            raise ValueError("a query without an epsilon cannot be charged")
+        return self.epsilon
 
 
 def fraction_text(value: Fraction) -> str:
@@ -186,24 +206,21 @@ class Ledger:
 
     # -- audit --------------------------------------------------------------------------------
     @staticmethod
-    def _audit(con: sqlite3.Connection, *, analyst: str, spec_hash: str, spec_json: str,
-               sites: Sequence[str], epsilon_asked: Fraction | None, epsilon_spent: Fraction,
+    def _audit(con: sqlite3.Connection, query: QueryRecord, *, epsilon_spent: Fraction,
                outcome: str, rule: str = "", reason: str = "") -> None:
         con.execute(
             "INSERT INTO audit (time, analyst, spec_hash, spec_json, sites, epsilon_asked, "
             "epsilon_spent, outcome, rule, reason) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (now(), analyst, spec_hash, spec_json, ",".join(sites),
-             "" if epsilon_asked is None else fraction_text(epsilon_asked),
+            (now(), query.analyst, query.spec_hash, query.spec_json, ",".join(query.sites),
+             "" if query.epsilon is None else fraction_text(query.epsilon),
              fraction_text(epsilon_spent), outcome, rule, reason))
 
-    def record(self, *, analyst: str, spec_hash: str, spec_json: str, sites: Sequence[str],
-               epsilon_asked: Fraction | None, outcome: str, rule: str = "",
+    def record(self, query: QueryRecord, outcome: str, rule: str = "",
                reason: str = "") -> None:
         """Write one audit row for an outcome that spent nothing (refused, invalid, failed...)."""
         with self.transaction() as con:
-            self._audit(con, analyst=analyst, spec_hash=spec_hash, spec_json=spec_json,
-                        sites=sites, epsilon_asked=epsilon_asked, epsilon_spent=Fraction(0),
-                        outcome=outcome, rule=rule, reason=reason)
+            self._audit(con, query, epsilon_spent=Fraction(0), outcome=outcome, rule=rule,
+                        reason=reason)
 
     def audit_rows(self, analyst: str | None = None) -> list[dict[str, Any]]:
         """The audit log, oldest first (one analyst's rows when ``analyst`` is given)."""
@@ -227,43 +244,38 @@ class Ledger:
             args = (analyst,)
         return sum((parse_fraction(e) for (e,) in con.execute(sql, args)), Fraction(0))
 
+    @classmethod
+    def _budget(cls, con: sqlite3.Connection, analyst: str, analyst_budget: Fraction,
+                federation_budget: Fraction) -> Budget:
+        mine = cls._committed(con, analyst)
+        everyone = cls._committed(con, None)
+        return Budget(analyst, mine, analyst_budget - mine, everyone, federation_budget - everyone)
+
     def budget(self, analyst: str, analyst_budget: Fraction,
                federation_budget: Fraction) -> Budget:
         """What ``analyst`` and the federation have spent (or reserved) and have left."""
         with self._connect() as con:
-            mine = self._committed(con, analyst)
-            everyone = self._committed(con, None)
-        return Budget(analyst, mine, analyst_budget - mine, everyone, federation_budget - everyone)
+            return self._budget(con, analyst, analyst_budget, federation_budget)
 
-    def reserve(self, *, analyst: str, spec_hash: str, epsilon: Fraction,
-                analyst_budget: Fraction, federation_budget: Fraction) -> int:
-        """Atomically reserve ``epsilon``; raise :class:`BudgetExceeded` and reserve nothing
-        if the analyst's or the federation's total would be exceeded."""
+    def reserve(self, query: QueryRecord, analyst_budget: Fraction,
+                federation_budget: Fraction) -> int:
+        """Atomically reserve the query's epsilon; raise :class:`BudgetExceeded` and reserve
+        nothing if the analyst's or the federation's total would be exceeded."""
+        epsilon = query.charge
         with self.transaction() as con:
-            mine = self._committed(con, analyst)
-            everyone = self._committed(con, None)
-            if mine + epsilon > analyst_budget:
-                raise BudgetExceeded(
-                    "analyst_budget",
-                    f"epsilon {float(epsilon):g} would take analyst {analyst!r} past the "
-                    f"policy's budget of {float(analyst_budget):g} per analyst "
-                    f"({float(analyst_budget - mine):g} left)")
-            if everyone + epsilon > federation_budget:
-                raise BudgetExceeded(
-                    "federation_budget",
-                    f"epsilon {float(epsilon):g} would take the federation past its total "
-                    f"budget of {float(federation_budget):g} "
-                    f"({float(federation_budget - everyone):g} left)")
+            budget = self._budget(con, query.analyst, analyst_budget, federation_budget)
+            refusal = overspend(budget, epsilon, analyst_budget, federation_budget)
+            if refusal is not None:
+                raise refusal
             cur = con.execute(
                 "INSERT INTO reservations (time, analyst, spec_hash, epsilon, state, host, pid) "
                 "VALUES (?,?,?,?, 'reserved', ?, ?)",
-                (now(), analyst, spec_hash, fraction_text(epsilon), socket.gethostname(),
-                 os.getpid()))
+                (now(), query.analyst, query.spec_hash, fraction_text(epsilon),
+                 socket.gethostname(), os.getpid()))
             assert cur.lastrowid is not None
             return cur.lastrowid
 
-    def commit_release(self, reservation: int, *, release_key: str, spec_hash: str,
-                       spec_json: str, sites: Sequence[str], epsilon: Fraction, analyst: str,
+    def commit_release(self, reservation: int, query: QueryRecord, *, release_key: str,
                        payload: str) -> bool:
         """Mark the reservation spent, store the release and write its audit row: one
         transaction, so a release never exists without its charge and its audit row.
@@ -271,6 +283,7 @@ class Ledger:
         Returns False, and hands the reservation back, when a concurrent query already
         stored a release under the same key: the caller must return that stored release.
         """
+        epsilon = query.charge
         with self.transaction() as con:
             if con.execute("SELECT 1 FROM releases WHERE release_key = ?",
                            (release_key,)).fetchone():
@@ -282,41 +295,29 @@ class Ledger:
                 (reservation,)).rowcount
             if updated != 1:
                 raise RuntimeError(f"reservation {reservation} is not open")
-            con.execute(
-                "INSERT INTO releases (release_key, time, spec_hash, epsilon, sites, payload) "
-                "VALUES (?,?,?,?,?,?)",
-                (release_key, now(), spec_hash, fraction_text(epsilon), ",".join(sites),
-                 payload))
-            self._audit(con, analyst=analyst, spec_hash=spec_hash, spec_json=spec_json,
-                        sites=sites, epsilon_asked=epsilon, epsilon_spent=epsilon,
-                        outcome=RELEASED)
+            self._store(con, query, release_key, payload)
+            self._audit(con, query, epsilon_spent=epsilon, outcome=RELEASED)
         return True
 
-    def store_unreleased(self, *, release_key: str, spec_hash: str, sites: Sequence[str],
-                         epsilon: Fraction, payload: str) -> None:
-        """Keep noisy totals that were refused (e.g. subset too small) so that asking again
-        gives the same decision instead of a fresh draw of noise."""
-        with self.transaction() as con:
-            con.execute(
-                "INSERT OR IGNORE INTO releases (release_key, time, spec_hash, epsilon, sites, "
-                "payload) VALUES (?,?,?,?,?,?)",
-                (release_key, now(), spec_hash, fraction_text(epsilon), ",".join(sites),
-                 payload))
+    @staticmethod
+    def _store(con: sqlite3.Connection, query: QueryRecord, key: str, payload: str) -> None:
+        con.execute(
+            "INSERT OR IGNORE INTO releases (release_key, time, spec_hash, epsilon, sites, "
+            "payload) VALUES (?,?,?,?,?,?)",
+            (key, now(), query.spec_hash, fraction_text(query.charge), ",".join(query.sites),
+             payload))
 
-    def return_reservation(self, reservation: int, *, analyst: str, spec_hash: str,
-                           spec_json: str, sites: Sequence[str], epsilon: Fraction,
-                           outcome: str, rule: str, reason: str) -> None:
+    def return_reservation(self, reservation: int, query: QueryRecord, *, outcome: str,
+                           rule: str, reason: str) -> None:
         """Give an open reservation back and write the audit row saying why."""
         with self.transaction() as con:
             con.execute("UPDATE reservations SET state = 'returned' WHERE id = ? "
                         "AND state = 'reserved'", (reservation,))
-            self._audit(con, analyst=analyst, spec_hash=spec_hash, spec_json=spec_json,
-                        sites=sites, epsilon_asked=epsilon, epsilon_spent=Fraction(0),
-                        outcome=outcome, rule=rule, reason=reason)
+            self._audit(con, query, epsilon_spent=Fraction(0), outcome=outcome, rule=rule,
+                        reason=reason)
 
-    def refuse_charged(self, reservation: int, *, keys: Sequence[str], payload: str,
-                       analyst: str, spec_hash: str, spec_json: str, sites: Sequence[str],
-                       epsilon: Fraction, rule: str, reason: str) -> None:
+    def refuse_charged(self, reservation: int, query: QueryRecord, *, keys: Sequence[str],
+                       payload: str, rule: str, reason: str) -> None:
         """A refusal decided on fresh noise: its epsilon moves from the analyst to the
         federation's account (the analyst received nothing), the decision is stored under
         every key given so asking again returns it without new noise, and the audit row says
@@ -325,27 +326,21 @@ class Ledger:
             con.execute("UPDATE reservations SET state = 'spent', analyst = ? WHERE id = ? "
                         "AND state = 'reserved'", (FEDERATION_CHECKS, reservation))
             for key in keys:
-                con.execute(
-                    "INSERT OR IGNORE INTO releases (release_key, time, spec_hash, epsilon, "
-                    "sites, payload) VALUES (?,?,?,?,?,?)",
-                    (key, now(), spec_hash, fraction_text(epsilon), ",".join(sites), payload))
-            self._audit(con, analyst=analyst, spec_hash=spec_hash, spec_json=spec_json,
-                        sites=sites, epsilon_asked=epsilon, epsilon_spent=Fraction(0),
-                        outcome=REFUSED, rule=rule,
+                self._store(con, query, key, payload)
+            self._audit(con, query, epsilon_spent=Fraction(0), outcome=REFUSED, rule=rule,
                         reason=f"{reason}; the check drew noise, so its epsilon "
-                               f"{float(epsilon):g} was charged to the federation's budget")
+                               f"{float(query.charge):g} was charged to the federation's "
+                               "budget")
 
-    def incident(self, reservation: int, *, analyst: str, spec_hash: str, spec_json: str,
-                 sites: Sequence[str], epsilon: Fraction, reason: str) -> None:
+    def incident(self, reservation: int, query: QueryRecord, *, reason: str) -> None:
         """A decrypted total broke the packing bounds (a site encrypted what no honest site
         can): the reservation stays spent, the federation is locked, the audit row says why."""
         with self.transaction() as con:
             con.execute("UPDATE reservations SET state = 'spent' WHERE id = ?", (reservation,))
             con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('locked', ?)",
                         (f"{now()}: {reason}",))
-            self._audit(con, analyst=analyst, spec_hash=spec_hash, spec_json=spec_json,
-                        sites=sites, epsilon_asked=epsilon, epsilon_spent=epsilon,
-                        outcome=FAILED, rule="integrity_incident",
+            self._audit(con, query, epsilon_spent=query.charge, outcome=FAILED,
+                        rule="integrity_incident",
                         reason=f"{reason}; nothing released, the epsilon is charged and the "
                                "federation is locked until an operator unlocks it")
 
@@ -372,9 +367,8 @@ class Ledger:
                 if _alive(pid):
                     continue
                 con.execute("UPDATE reservations SET state = 'returned' WHERE id = ?", (rid,))
-                self._audit(con, analyst=analyst, spec_hash=spec_hash, spec_json="{}",
-                            sites=(), epsilon_asked=parse_fraction(epsilon),
-                            epsilon_spent=Fraction(0), outcome=FAILED, rule="crash",
+                lost = QueryRecord(analyst, spec_hash, "{}", (), parse_fraction(epsilon))
+                self._audit(con, lost, epsilon_spent=Fraction(0), outcome=FAILED, rule="crash",
                             reason="the process holding this reservation ended before the "
                                    "release; the budget was returned")
                 returned += 1

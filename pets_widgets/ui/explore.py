@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any
 
@@ -37,13 +37,12 @@ import numpy as np
 import pandas as pd
 
 from pets_widgets.core import schema as S
-from pets_widgets.core.card import NoiseComponent, ParameterCard
-from pets_widgets.core.clock import now
 from pets_widgets.core.policy import Policy
-from pets_widgets.core.query import QuerySpec, structural_zeros
+from pets_widgets.core.query import QuerySpec
 from pets_widgets.core.release import Release
-from pets_widgets.enclave.pipeline.builders import BUILDERS, PUBLIC_INPUTS
-from pets_widgets.enclave.pipeline.noise import noise_interval, noise_sd
+from pets_widgets.enclave.pipeline import release as pipeline
+from pets_widgets.enclave.pipeline.builders import PUBLIC_INPUTS
+from pets_widgets.enclave.pipeline.noise import noise_sd
 from pets_widgets.enclave.pipeline.tables import NoisyBlocks, Tables
 from pets_widgets.site import synthetic
 from pets_widgets.site.site import Site
@@ -57,6 +56,9 @@ SOURCE = ("Simulated on public synthetic registries shaped like this federation'
           "is used and no privacy budget is spent. Numbers are illustrations, not results.")
 
 #: Slider range of the explorer (a log scale).
+#: The card's mechanism line for a simulation (so it can never pass for a release).
+SIMULATED = "SIMULATED discrete Laplace on public synthetic data (not a release)"
+
 EPSILON_RANGE = (0.05, 10.0)
 
 #: Kinds whose released values are noisy cells themselves: their 95% error is the noise
@@ -272,11 +274,6 @@ class Simulation:
         return "\n".join(lines)
 
 
-def block_scale(sensitivity: int, epsilon: Fraction, share: Fraction) -> Fraction:
-    """Noise scale of a block: its sensitivity over its share of epsilon (as the enclave)."""
-    return Fraction(sensitivity) / (epsilon * share)
-
-
 def _builder_kwargs(kind: str, ref: PublicReference) -> dict[str, Any]:
     names = PUBLIC_INPUTS.get(kind, ())
     return {n: ref.public_inputs[n] for n in names if n in ref.public_inputs}
@@ -308,11 +305,10 @@ def simulate(ref: PublicReference, spec: QuerySpec, epsilon: float, k: int,
     schema = ref.schema
     layout = spec.layout(schema)
     exact = ref.cells(spec)
-    # As in the enclave: cells impossible by the schema's rules are exact zeros, never hidden.
-    impossible = structural_zeros(layout, spec.where, schema)
-    scales = {b.name: float(block_scale(b.sensitivity, eps, b.budget_share))
-              for b in layout.blocks}
-    intervals = {b: noise_interval(s) for b, s in scales.items()}
+    # The enclave's own pipeline: the same scales, structural zeros, tables and card.
+    base = pipeline.noise_params(layout, eps, {}, spec.where, schema)
+    impossible = base.structural
+    scales, intervals = base.scales, base.intervals
     blocks = tuple(
         NoiseBlock(b.name, float(eps * b.budget_share), b.sensitivity, scales[b.name],
                    noise_sd(scales[b.name]), intervals[b.name], b.size,
@@ -320,23 +316,19 @@ def simulate(ref: PublicReference, spec: QuerySpec, epsilon: float, k: int,
                                             scales[b.name])[~impossible[b.name]].sum())
                    if b.summand is None and spec.kind in CELL_HIDING_KINDS else None)
         for b in layout.blocks)
-    builder = BUILDERS[spec.kind]
     extra = _builder_kwargs(spec.kind, ref)
 
-    def draw() -> dict[str, np.ndarray]:
-        return {b: np.where(impossible[b], 0, exact[b] + sample_noise(exact[b].size, scales[b],
-                                                                        rng))
-                for b in exact}
+    def draw() -> NoisyBlocks:
+        noise = {b: sample_noise(exact[b].size, scales[b], rng) for b in exact}
+        return pipeline.add_noise(layout, eps, exact, noise, spec.where, schema, impossible)
 
-    def build(values: Mapping[str, np.ndarray], suppress: bool,
-              noiseless: bool = False) -> Tables:
-        noisy = NoisyBlocks(dict(values), {b: 0.0 if noiseless else s for b, s in scales.items()},
-                            {b: 0 if noiseless else a for b, a in intervals.items()},
-                            impossible)
-        return builder(spec, schema, layout, noisy, k, policy.protection, suppress, **extra)
+    def build(noisy: NoisyBlocks, suppress: bool) -> Tables:
+        return pipeline.build_tables(spec, schema, layout, noisy, k, policy, extra,
+                                     suppress=suppress)
 
-    shown = build(draw(), suppress=True)
-    truth = build(exact, suppress=False, noiseless=True)
+    shown_noisy = draw()
+    shown = build(shown_noisy, suppress=True)
+    truth = build(replace(pipeline.exact_blocks(exact), structural=impossible), suppress=False)
     truth_values = _numeric(truth.table)
     errors, curves, n = [], [], 0
     truth_curve = _survival_curves(truth)
@@ -363,7 +355,8 @@ def simulate(ref: PublicReference, spec: QuerySpec, epsilon: float, k: int,
     if k < policy.k:
         notes.append(f"k={k} is below the policy minimum of {policy.k}: the enclave would "
                      "refuse it.")
-    card = _card(spec, schema, eps, k, layout.blocks, blocks, shown, policy)
+    card = pipeline.parameter_card(spec, layout, eps, k, shown_noisy, shown, policy,
+                                   mechanism=SIMULATED, sites=schema.sites, notes=(SOURCE,))
     sim_release = Release(spec, shown.table, shown.suppressed, card, shown.lower, shown.upper,
                           shown.extras)
     return Simulation(spec, float(eps), k, blocks, sim_release, n, error95, curve_error,
@@ -383,23 +376,6 @@ def _survival_curves(tables: Tables) -> np.ndarray | None:
     if not cols:
         return None
     return _numeric(curves[cols])
-
-
-def _card(spec: QuerySpec, schema: S.Schema, eps: Fraction, k: int, layout_blocks: Sequence[Any],
-          blocks: Sequence[NoiseBlock], tables: Tables, policy: Policy) -> ParameterCard:
-    comps = tuple(NoiseComponent(b.name, b.epsilon, b.sensitivity, b.scale, b.interval95)
-                  for b in blocks)
-    first = comps[0]
-    rule = f"primary: cells with a noisy value below k={k} hidden"
-    if tables.margins and not tables.margins.startswith("none"):
-        rule += "; secondary: further cells hidden so no hidden cell can be worked out"
-    return ParameterCard(
-        mechanism="SIMULATED discrete Laplace on public synthetic data (not a release)",
-        epsilon=float(eps), epsilon_per_cell=first.epsilon, sensitivity=first.sensitivity,
-        noise_scale=first.noise_scale, noise_interval_95=first.noise_interval_95, k=k,
-        suppression_rule=rule, spec_hash=spec.hash, sites=schema.sites, time=now(),
-        components=comps, margins=tables.margins, postprocessing=tables.postprocessing,
-        policy=policy.to_dict(), notes=(SOURCE,))
 
 
 # --------------------------------------------------------------------------- figure

@@ -7,10 +7,10 @@ from typing import Any
 import ipywidgets as W
 
 from pets_widgets.coordinator.federation import Federation
+from pets_widgets.core.analyst import default_analyst, hub_user
 from pets_widgets.core.errors import PetsError
 from pets_widgets.ui import render
 from pets_widgets.ui.widgets._common import classed, html, styles
-from pets_widgets.ui.widgets.query_builder import _default_analyst, _hub_user
 
 _WIDE = {"description_width": "80px"}
 
@@ -22,8 +22,8 @@ class AuditView(W.VBox):
 
     def __init__(self, fed: Federation, analyst: str | None = None):
         self.fed = fed
-        hub = _hub_user()
-        self.analyst = classed(W.Text(value=analyst or hub or _default_analyst(),
+        hub = hub_user()
+        self.analyst = classed(W.Text(value=analyst or hub or default_analyst(),
                                       description="Analyst", style=_WIDE,
                                       continuous_update=False), "pw-audit-analyst")
         self.everyone = classed(W.Checkbox(value=False, description="all analysts",

@@ -7,14 +7,14 @@ refusals); the same functions are unit-tested headless.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import ipywidgets as W
 
-from pets_widgets.coordinator.federation import Federation, resolve_analyst
+from pets_widgets.coordinator.federation import Federation
+from pets_widgets.core.analyst import default_analyst, hub_user
 from pets_widgets.core.errors import PetsError, QueryValidationError
 from pets_widgets.core.query import QuerySpec
 from pets_widgets.core.release import Release
@@ -103,8 +103,8 @@ class QueryBuilder(W.VBox):
             f"k at least {self.policy.k}; filters must keep at least "
             f"{self.policy.min_subset} patients; budget {self.policy.analyst_budget:g} per "
             "analyst.</span>", "pw-policy")
-        hub = _hub_user()
-        self.analyst = classed(W.Text(value=hub or _default_analyst(), description="Analyst",
+        hub = hub_user()
+        self.analyst = classed(W.Text(value=hub or default_analyst(), description="Analyst",
                                       style=_WIDE, continuous_update=False,
                                       disabled=hub is not None), "pw-analyst")
         self.budget = html("", "pw-budget")
@@ -282,15 +282,3 @@ class QueryBuilder(W.VBox):
             self.budget.value = render.error_html(exc)
             return
         self.budget.value = render.budget_html(budget, self.policy)
-
-
-def _hub_user() -> str | None:
-    """The signed-in JupyterHub user, who is the analyst and cannot be renamed."""
-    return os.environ.get("JUPYTERHUB_USER") or None
-
-
-def _default_analyst() -> str:
-    try:
-        return resolve_analyst(None)
-    except PetsError:
-        return "analyst"
