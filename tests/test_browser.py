@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 import pets_widgets as pw
-from pets_widgets.ui.render import plots_available
 from tests import voila
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -79,8 +78,6 @@ def run_query(page) -> None:
 
 
 def expect_plot(page) -> None:
-    if not plots_available():
-        return
     img = page.locator(".pw-plot-area img")
     expect(img).to_have_count(1)
     assert img.get_attribute("src").startswith("data:image/png;base64,")
@@ -142,8 +139,6 @@ def test_histogram_with_a_filter_by_clicking(page, shots):
 
 
 def test_survival_by_clicking(page, shots):
-    if not hasattr(pw, "Survival"):
-        pytest.skip("survival analysis (issue 5) is not merged yet")
     page.locator(".pw-kind select").select_option(label="Survival (Kaplan-Meier)")
     expect(page.locator(".pw-preset select option")).to_have_count(len(pw.presets.names()))
     page.locator(".pw-preset select").select_option(label="By tumour group (ICCC-3)")

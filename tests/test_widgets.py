@@ -9,7 +9,6 @@ import pytest
 
 import pets_widgets as pw
 from pets_widgets.ui import forms
-from pets_widgets.ui.render import plots_available
 from pets_widgets.ui.widgets import app as widget_app
 from tests.conftest import make_fed
 
@@ -208,7 +207,6 @@ def test_survival_preset_by_clicking(fed):
     assert "<img" in qb.plot.value
 
 
-@pytest.mark.skipif(not plots_available(), reason="pw.plots (issue 5) not merged")
 def test_a_plot_appears_with_every_release(fed):
     qb = pw.widgets.QueryBuilder(fed)
     for kind in ("crosstab", "histogram", "mean", "count"):

@@ -45,21 +45,15 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
 from pets_widgets.coordinator.remote import DEFAULT_START_TIMEOUT, DEFAULT_TIMEOUT
-from pets_widgets.core import schema as S
 from pets_widgets.core.errors import ConfigError
 from pets_widgets.core.packing import DEFAULT_SITE_CAPACITY
-from pets_widgets.core.paillier import ALLOWED_KEY_BITS, DEFAULT_KEY_BITS
-from pets_widgets.enclave import ledger as audit
+from pets_widgets.core.paillier import ALLOWED_KEY_BITS
 from pets_widgets.site.sources import CsvSource, Source, SqlSource, source_from_dict
-
-if TYPE_CHECKING:
-    from pets_widgets.coordinator.federation import Federation
-    from pets_widgets.core.policy import Policy
 
 BACKENDS = ("local", "kernel", "gateway")
 SITE_KEYS = ("name", "backend", "source", "url", "token_env", "kernel_name", "timeout",
@@ -225,66 +219,6 @@ def _anchored(source: Source, base: Path) -> Source:
         if rest and not rest.startswith("/") and not rest.startswith(":memory:"):
             return replace(source, url=f"sqlite:///{base / rest}")
     return source
-
-
-# --------------------------------------------------------------------------- building
-def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | os.PathLike[str]
-                     | None = None, policy: Policy | None = None, key_bits: int | None = None,
-                     site_capacity: int | None = None) -> Federation:
-    """Start every site of ``config`` (in parallel) and return the federation.
-
-    Local sites load their rows in this process; kernel and gateway sites load them inside
-    their own kernels. If any site fails to start, the ones already started are stopped
-    and the error names the site (:class:`SiteError`, or :class:`DataValidationError` for a
-    registry file that does not match the schema).
-    """
-    from pets_widgets.coordinator.federation import Federation, LocalSite, _temporary_ledger
-    from pets_widgets.coordinator.gateway import GatewaySite
-    from pets_widgets.coordinator.kernels import KernelSite
-    from pets_widgets.coordinator.remote import close_sites, start_sites
-    from pets_widgets.core.policy import Policy
-    from pets_widgets.enclave.enclave import Enclave, expected_measurement
-    from pets_widgets.site.site import Site
-    from pets_widgets.site.trust import Enrollment
-
-    policy = policy or Policy()
-    bits = key_bits or config.key_bits or DEFAULT_KEY_BITS
-    capacity = site_capacity or config.site_capacity
-    schema = S.Schema(config.site_names)
-    if ledger is None:
-        ledger = config.ledger
-    if not isinstance(ledger, audit.Ledger):
-        ledger = audit.Ledger(Path(ledger) if ledger is not None else _temporary_ledger())
-    enclave = Enclave(schema, ledger, policy, bits, capacity)
-    enrollment = Enrollment(enclave.platform_key, expected_measurement(policy))
-    backends: list[Any] = []
-    remote: list[Any] = []
-    for sc in config.sites:
-        population = (read_population(sc.population, sc.name) if sc.population is not None
-                      else sc.source.population(sc.name))
-        common = dict(sites=config.site_names, enrollment=enrollment, capacity=capacity,
-                      timeout=sc.timeout, start_timeout=sc.start_timeout, key_file=sc.key_file,
-                      population=population)
-        if sc.backend == "local":
-            rows = sc.source.load(schema, sc.name, capacity)
-            site = Site(sc.name, rows, schema, population, capacity)
-            site.enroll(enrollment)
-            backends.append(LocalSite(site, source=sc.source))
-            continue
-        if sc.backend == "kernel":
-            backend: Any = KernelSite(sc.name, sc.source, kernel_name=sc.kernel_name, **common)
-        else:
-            assert sc.url is not None and sc.token_env is not None
-            backend = GatewaySite(sc.name, sc.source, url=sc.url, token_env=sc.token_env,
-                                  kernel_name=sc.kernel_name, **common)
-        backends.append(backend)
-        remote.append(backend)
-    start_sites(remote)
-    try:
-        return Federation(backends, enclave)
-    except BaseException:
-        close_sites(remote)
-        raise
 
 
 def read_population(path: str, site: str) -> pd.DataFrame:

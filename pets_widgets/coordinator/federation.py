@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import pandas as pd
 
+from pets_widgets.coordinator.config import FederationConfig, load_config, read_population, sites_of
 from pets_widgets.core import schema as S
 from pets_widgets.core.analyst import resolve_analyst
 from pets_widgets.core.budget import Budget
@@ -41,6 +42,7 @@ from pets_widgets.enclave import ledger as audit
 from pets_widgets.enclave.enclave import Admission, Enclave, expected_measurement
 from pets_widgets.site import synthetic
 from pets_widgets.site.site import Site
+from pets_widgets.site.sources import SyntheticSource
 from pets_widgets.site.trust import Enrollment
 
 #: ``progress(stage, site, fraction_done)``; stage is attest, compute, encrypt (reported when
@@ -263,8 +265,6 @@ class Federation:
         file, :class:`DataValidationError` for registry data that does not match the schema
         and :class:`SiteError` naming a site that cannot be started or reached.
         """
-        from pets_widgets.coordinator.config import build_federation, load_config
-
         return build_federation(load_config(path), ledger=ledger, policy=policy,
                                 key_bits=key_bits, site_capacity=site_capacity)
 
@@ -275,7 +275,8 @@ class Federation:
         self.close()
 
 
-def _temporary_ledger() -> Path:
+def temporary_ledger() -> Path:
+    """A new SQLite file for a ledger, removed (with its WAL files) at interpreter exit."""
     fd, name = tempfile.mkstemp(prefix="pets-ledger-", suffix=".sqlite")
     os.close(fd)
     path = Path(name)
@@ -287,6 +288,61 @@ def _temporary_ledger() -> Path:
 
     atexit.register(remove)
     return path
+
+
+def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | os.PathLike[str]
+                     | None = None, policy: Policy | None = None, key_bits: int | None = None,
+                     site_capacity: int | None = None) -> Federation:
+    """Start every site of ``config`` (in parallel) and return the federation.
+
+    Local sites load their rows in this process; kernel and gateway sites load them inside
+    their own kernels. If any site fails to start, the ones already started are stopped
+    and the error names the site (:class:`SiteError`, or :class:`DataValidationError` for a
+    registry file that does not match the schema).
+    """
+    # The remote backends load jupyter_client and websocket-client: only when asked for.
+    from pets_widgets.coordinator.gateway import GatewaySite
+    from pets_widgets.coordinator.kernels import KernelSite
+    from pets_widgets.coordinator.remote import close_sites, start_sites
+
+    policy = policy or Policy()
+    bits = key_bits or config.key_bits or DEFAULT_KEY_BITS
+    capacity = site_capacity or config.site_capacity
+    schema = S.Schema(config.site_names)
+    if ledger is None:
+        ledger = config.ledger
+    if not isinstance(ledger, audit.Ledger):
+        ledger = audit.Ledger(Path(ledger) if ledger is not None else temporary_ledger())
+    enclave = Enclave(schema, ledger, policy, bits, capacity)
+    enrollment = Enrollment(enclave.platform_key, expected_measurement(policy))
+    backends: list[Any] = []
+    remote: list[Any] = []
+    for sc in config.sites:
+        population = (read_population(sc.population, sc.name) if sc.population is not None
+                      else sc.source.population(sc.name))
+        common = dict(sites=config.site_names, enrollment=enrollment, capacity=capacity,
+                      timeout=sc.timeout, start_timeout=sc.start_timeout, key_file=sc.key_file,
+                      population=population)
+        if sc.backend == "local":
+            rows = sc.source.load(schema, sc.name, capacity)
+            site = Site(sc.name, rows, schema, population, capacity)
+            site.enroll(enrollment)
+            backends.append(LocalSite(site, source=sc.source))
+            continue
+        if sc.backend == "kernel":
+            backend: Any = KernelSite(sc.name, sc.source, kernel_name=sc.kernel_name, **common)
+        else:
+            assert sc.url is not None and sc.token_env is not None
+            backend = GatewaySite(sc.name, sc.source, url=sc.url, token_env=sc.token_env,
+                                  kernel_name=sc.kernel_name, **common)
+        backends.append(backend)
+        remote.append(backend)
+    start_sites(remote)
+    try:
+        return Federation(backends, enclave)
+    except BaseException:
+        close_sites(remote)
+        raise
 
 
 def demo_federation(seed: int = 7, n_sites: int = 2, rows_per_site: int | None = None, *,
@@ -310,28 +366,12 @@ def demo_federation(seed: int = 7, n_sites: int = 2, rows_per_site: int | None =
         raise QueryValidationError("backend", f"{backend!r} is not available for the demo "
                                    "(gateway sites need a configuration file: "
                                    "Federation.from_config)", ["local", "kernel"])
-    policy = policy or Policy()
     profiles = synthetic.profiles(n_sites, rows_per_site)
     if site_capacity is None:
         site_capacity = capacity_for(max(
             rows_per_site or p.cases_per_year * synthetic.N_YEARS for p in profiles))
-    if backend == "kernel":
-        from pets_widgets.coordinator.config import build_federation, sites_of
-        from pets_widgets.site.sources import SyntheticSource
-
-        sources = [SyntheticSource(seed, rows_per_site, p.cases_per_year, p.loss_to_follow_up)
-                   for p in profiles]
-        config = sites_of([p.name for p in profiles], sources, "kernel")
-        return build_federation(config, ledger=ledger, policy=policy, key_bits=key_bits,
-                                site_capacity=site_capacity)
-    schema = S.Schema(synthetic.site_names(n_sites))
-    ledger_path = Path(ledger) if ledger is not None else _temporary_ledger()
-    enclave = Enclave(schema, audit.Ledger(ledger_path), policy, key_bits, site_capacity)
-    enrollment = Enrollment(enclave.platform_key, expected_measurement(policy))
-    sites = []
-    for profile in profiles:
-        rows = synthetic.registry(profile, seed, rows_per_site)
-        site = Site(profile.name, rows, schema, synthetic.population(profile), site_capacity)
-        site.enroll(enrollment)
-        sites.append(LocalSite(site))
-    return Federation(sites, enclave)
+    sources = [SyntheticSource(seed, rows_per_site, p.cases_per_year, p.loss_to_follow_up)
+               for p in profiles]
+    config = sites_of([p.name for p in profiles], sources, backend)
+    return build_federation(config, ledger=ledger, policy=policy, key_bits=key_bits,
+                            site_capacity=site_capacity)

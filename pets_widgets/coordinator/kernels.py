@@ -253,13 +253,3 @@ class KernelSite(RemoteSite):
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)[:32]
-
-
-def kernel_sites_for(names: Sequence[str], sources: Sequence[Source], enrollment: Enrollment,
-                     capacity: int = DEFAULT_SITE_CAPACITY,
-                     timeout: float = DEFAULT_TIMEOUT) -> list[KernelSite]:
-    """Unstarted kernel sites, one per name and source, in a federation of ``names``."""
-    return [KernelSite(n, s, sites=names, enrollment=enrollment, capacity=capacity,
-                       timeout=timeout) for n, s in zip(names, sources, strict=True)]
-
-

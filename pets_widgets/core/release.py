@@ -54,16 +54,16 @@ class Release:
         """The table as text, hidden cells shown as ``"<k"`` (``"<5"`` by default); with
         ``intervals=True`` each value is followed by its 95% noise interval."""
         mark = hidden if hidden is not None else f"<{self.card.k}"
-        shown = self.table.astype(object).map(_fmt)
+        shown = self.table.astype(object).map(format_number)
         if intervals:
-            lo = self.lower.astype(object).map(_fmt)
-            hi = self.upper.astype(object).map(_fmt)
+            lo = self.lower.astype(object).map(format_number)
+            hi = self.upper.astype(object).map(format_number)
             shown = shown + " (" + lo + "-" + hi + ")"
         return shown.mask(self.suppressed.to_numpy(), mark)
 
     def _repr_html_(self) -> str:
-        legend = (f"<p><small>&lt;{self.card.k}: hidden (noisy value below {self.card.k}, or "
-                  f"hidden so another hidden cell cannot be worked out). "
+        legend = (f"<p><small>&lt;{self.card.k}: hidden: "
+                  f"{_escape(hidden_reason(self.spec.kind, self.card.k))} "
                   f"{_escape(self.card.describe().splitlines()[0])}</small></p>")
         return self.display_table().to_html() + legend
 
@@ -88,12 +88,42 @@ class Release:
         return json.dumps(out, default=str, sort_keys=True)
 
 
-def _fmt(value: object) -> str:
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+def format_number(value: object) -> str:
+    """A released number as text: integers whole, other values to about 4 digits, missing
+    values empty. Used by tables, CSV exports and the dashboard alike."""
+    if value is None or value is pd.NA:
         return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
     if isinstance(value, (float, np.floating)):
-        return f"{value:.4g}" if not float(value).is_integer() or abs(value) < 1e15 else str(value)
+        v = float(value)
+        if math.isnan(v):
+            return ""
+        if math.isinf(v):
+            return "∞" if v > 0 else "-∞"
+        if v.is_integer() and abs(v) >= 1:
+            return str(int(v))
+        if abs(v) < 5e-5:
+            return "0"
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
     return str(value)
+
+
+#: Why a value is hidden, by query kind ("" for the cell kinds); ``{k}`` is filled in.
+HIDDEN_WHY = {
+    "": "its noisy value was below k={k}, or it was hidden so that another hidden cell "
+        "cannot be worked out from the totals.",
+    "mean": "fewer than k={k} patients (noisy count) in the group.",
+    "survival": "the stratum has too few patients (noisy), or fewer than k={k} remain at "
+                "risk at that time.",
+}
+
+
+def hidden_reason(kind: str, k: int) -> str:
+    """The legend's sentence for a hidden value of a ``kind`` release."""
+    return HIDDEN_WHY.get(kind, HIDDEN_WHY[""]).format(k=k)
 
 
 def _escape(text: str) -> str:

@@ -8,7 +8,7 @@ depended on the data would itself disclose the data.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
@@ -273,10 +273,6 @@ class Schema:
     def columns(self) -> tuple[str, ...]:
         """Column order of a registry table."""
         return self.names
-
-    def with_sites(self, sites: Iterable[str]) -> Schema:
-        """The same variables for another list of sites."""
-        return Schema(tuple(sites))
 
 
 def default_schema(sites: Sequence[str] = ("NDRS", "NCI")) -> Schema:

@@ -8,7 +8,7 @@ attestation, and signed with the site's own key.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -28,8 +28,6 @@ from pets_widgets.core.query import Block, Dim, QuerySpec, spec_from_dict
 from pets_widgets.core.signing import SigningKey
 from pets_widgets.core.wire import AggregateRequest, EncryptedAggregate, new_nonce
 from pets_widgets.site.trust import Enrollment, verify_quote
-
-BlockFunction = Callable[["Site", Block, np.ndarray], np.ndarray]
 
 
 class Site:
@@ -155,8 +153,7 @@ class Site:
         mask = self._mask(spec.where)
         parts = []
         for block in layout.blocks:
-            fn = BLOCK_FUNCTIONS.get(block.name, _count_or_sum)
-            part = np.asarray(fn(self, block, mask), dtype=np.int64)
+            part = np.asarray(_count_or_sum(self, block, mask), dtype=np.int64)
             if part.shape != (block.size,):
                 raise AssertionError(f"block {block.name} has {part.shape}, not {block.size}")
             parts.append(part)
@@ -231,6 +228,3 @@ def _count_or_sum(site: Site, block: Block, mask: np.ndarray) -> np.ndarray:
 #: How many cell indices (one integer per row each) a site keeps for repeated layouts.
 _KEPT_INDICES = 8
 
-
-#: Block computations by block name; query kinds with special blocks register here.
-BLOCK_FUNCTIONS: dict[str, BlockFunction] = {}

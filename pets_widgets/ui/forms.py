@@ -18,8 +18,6 @@ Example
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -29,6 +27,7 @@ from typing import Any
 from pets_widgets.core import query
 from pets_widgets.core import schema as S
 from pets_widgets.core.errors import QueryValidationError
+from pets_widgets.ui import presets
 
 #: Query kinds the builder knows how to ask, in menu order, with their menu labels.
 KIND_LABELS: Mapping[str, str] = MappingProxyType({
@@ -92,28 +91,10 @@ class QueryForm:
 # --------------------------------------------------------------------------- kinds
 
 
-def _presets() -> Any:
-    """The survival presets module, or None before survival analysis is available."""
-    if importlib.util.find_spec("pets_widgets.presets") is None:
-        return None
-    return importlib.import_module("pets_widgets.presets")
-
-
 def kinds() -> tuple[str, ...]:
-    """Kinds offered in the menu: those this version of pets_widgets can run.
-
-    Survival appears once the survival module (its spec and presets) is installed, and
-    incidence once its spec exists; nothing else needs to change here.
-    """
+    """Kinds offered in the menu: every query kind, in the menu's order."""
     known = set(query.query_kinds())
-    out = []
-    for kind in KIND_LABELS:
-        if kind not in known:
-            continue
-        if kind == "survival" and _presets() is None:
-            continue
-        out.append(kind)
-    return tuple(out)
+    return tuple(kind for kind in KIND_LABELS if kind in known)
 
 
 def kind_options() -> Options:
@@ -164,13 +145,7 @@ def choices(schema: S.Schema, form: QueryForm, name: str) -> Options:
         return _variables(schema, schema.groupable, lambda n: n != form.rows and _bare_builds(
             replace(bare, cols=n), schema))
     if name == "preset":
-        presets = _presets()
-        if presets is None:
-            return []
-        labels: dict[str, str] = {}
-        table = getattr(presets, "table", None)
-        if table is not None:
-            labels = dict(table()["label"])
+        labels = dict(presets.table()["label"])
         return [(labels.get(n, n.replace("_", " ")), n) for n in presets.names()]
     if name in ("tumour_group", "subtype"):
         var = schema[name]
@@ -300,9 +275,6 @@ def build_spec(form: QueryForm, schema: S.Schema) -> query.QuerySpec:
     where = where_of(schema, form)
     kind = form.kind
     if kind == "survival":
-        presets = _presets()
-        if presets is None:
-            raise QueryValidationError("kind", "survival analysis is not available", kinds())
         if form.preset is None:
             raise QueryValidationError("preset", "choose an analysis", presets.names())
         return presets.survival(form.preset, tumour_group=form.tumour_group,

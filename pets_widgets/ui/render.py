@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import importlib
-import importlib.util
 import io
 import logging
 import math
@@ -35,7 +33,7 @@ from pets_widgets.core.errors import (
     SiteError,
 )
 from pets_widgets.core.query import spec_from_json
-from pets_widgets.core.release import TOTAL, Release
+from pets_widgets.core.release import TOTAL, Release, format_number, hidden_reason
 
 log = logging.getLogger(__name__)
 
@@ -74,26 +72,8 @@ def esc(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def number(value: object) -> str:
-    """A released number as text: integers whole, other values to about 4 digits."""
-    if value is None or value is pd.NA:
-        return ""
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        if math.isnan(v):
-            return ""
-        if math.isinf(v):
-            return "∞" if v > 0 else "-∞"
-        if v.is_integer() and abs(v) >= 1:
-            return str(int(v))
-        if abs(v) < 5e-5:
-            return "0"
-        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
-    return str(value)
+#: A released number as text (the one formatting rule of :mod:`pets_widgets.core.release`).
+number = format_number
 
 
 def _label(schema: S.Schema | None, name: object) -> str:
@@ -168,20 +148,11 @@ def _th(col: object) -> str:
     return f"<th{cls}>{esc(number(col) if not isinstance(col, str) else col)}</th>"
 
 
-_HIDDEN_WHY = {
-    "": "its noisy value was below k={k}, or it was hidden so that another hidden cell "
-        "cannot be worked out from the totals.",
-    "mean": "fewer than k={k} patients (noisy count) in the group.",
-    "survival": "the stratum has too few patients (noisy), or fewer than k={k} remain at "
-                "risk at that time.",
-}
-
-
 def legend_html(release: Release, intervals: bool | None = None) -> str:
     """What ``<k``, bold totals and the bracketed intervals mean."""
     k = release.card.k
     n_hidden = int(np.asarray(release.suppressed, dtype=bool).sum())
-    why = _HIDDEN_WHY.get(release.spec.kind, _HIDDEN_WHY[""]).format(k=k)
+    why = hidden_reason(release.spec.kind, k)
     parts = [f"<b>&lt;{k}</b>: hidden ({n_hidden} value{'s' if n_hidden != 1 else ''} here): "
              f"{why}"]
     if TOTAL in _all_labels(release.table):
@@ -288,17 +259,11 @@ def figure_html(fig: Any, alt: str = "plot", css_class: str = "pw-plot",
             f'src="data:image/png;base64,{data}"/></div>')
 
 
-def plots_available() -> bool:
-    """Whether :mod:`pets_widgets.ui.plots` (figures for every query kind) is installed."""
-    return importlib.util.find_spec("pets_widgets.plots") is not None
-
-
 def plot_html(release: Release) -> str:
     """The figure matching the release (bars, histogram, KM curves, rate bars) from
-    ``pets_widgets.ui.plots.plot``, or "" when plots are not available."""
-    if not plots_available():
-        return ""
-    plots = importlib.import_module("pets_widgets.plots")
+    ``pets_widgets.ui.plots.plot``, or "" when the kind has no figure."""
+    from pets_widgets.ui import plots  # matplotlib loads on the first figure, not on import
+
     try:
         fig = plots.plot(release)
     except Exception as exc:  # a figure is a convenience: the table is the result

@@ -8,8 +8,8 @@ from typing import Any
 
 import ipywidgets as W
 
-from pets_widgets.coordinator.config import build_federation, load_config
-from pets_widgets.coordinator.federation import Federation, demo_federation
+from pets_widgets.coordinator.config import load_config
+from pets_widgets.coordinator.federation import Federation, build_federation, demo_federation
 from pets_widgets.core.errors import ConfigError, PetsError
 from pets_widgets.ui import render
 from pets_widgets.ui.widgets._common import classed, html, log, styles
