@@ -6,7 +6,7 @@
 #   bash scripts/dev.sh demo        print a released crosstab with its parameter card
 #   bash scripts/dev.sh test [ARGS] run the whole test suite, notebooks and browser included
 #                                   (extra ARGS go to pytest)
-#   bash scripts/dev.sh lint        ruff
+#   bash scripts/dev.sh lint        ruff over the whole tree (notebooks too), then mypy
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
@@ -61,7 +61,8 @@ case "$job" in
     exec .venv/bin/python -m pytest "$@" ;;
   lint)
     setup_python
-    exec .venv/bin/ruff check pets_widgets tests benchmarks "$@" ;;
+    .venv/bin/ruff check . "$@"
+    exec .venv/bin/mypy ;;
   *)
     echo "usage: bash scripts/dev.sh {dashboard|demo|test|lint} [args]" >&2; exit 2 ;;
 esac

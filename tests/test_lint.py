@@ -1,9 +1,9 @@
-"""The tree stays ruff-clean (the rules are in pyproject.toml), so CI catches what a
-session forgot to lint."""
+"""The tree stays ruff-clean and mypy-clean (the rules are in pyproject.toml), so CI catches
+what a session forgot to check. Both tools are pinned in the test extra; a missing one fails
+here instead of skipping, since CI installs it."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +13,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_ruff_finds_nothing():
-    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
-    if ruff is None:
-        pytest.skip("ruff is not installed")
-    done = subprocess.run([ruff, "check", "pets_widgets", "tests", "benchmarks"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("command", [
+    ["ruff", "check", "."],        # the package, tests, benchmarks, examples and notebooks
+    ["mypy"],                      # the package, as configured under [tool.mypy]
+], ids=["ruff", "mypy"])
+def test_the_checker_finds_nothing(command):
+    tool = Path(sys.executable).parent / command[0]
+    assert tool.exists(), f"{command[0]} is not installed next to {sys.executable}"
+    done = subprocess.run([str(tool), *command[1:]], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr

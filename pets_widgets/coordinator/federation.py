@@ -320,21 +320,25 @@ def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | o
     for sc in config.sites:
         population = (read_population(sc.population, sc.name) if sc.population is not None
                       else sc.source.population(sc.name))
-        common = dict(sites=config.site_names, enrollment=enrollment, capacity=capacity,
-                      timeout=sc.timeout, start_timeout=sc.start_timeout, key_file=sc.key_file,
-                      population=population)
         if sc.backend == "local":
             rows = sc.source.load(schema, sc.name, capacity)
             site = Site(sc.name, rows, schema, population, capacity)
             site.enroll(enrollment)
             backends.append(LocalSite(site, source=sc.source))
             continue
+        backend: KernelSite | GatewaySite
         if sc.backend == "kernel":
-            backend: Any = KernelSite(sc.name, sc.source, kernel_name=sc.kernel_name, **common)
+            backend = KernelSite(
+                sc.name, sc.source, kernel_name=sc.kernel_name, sites=config.site_names,
+                enrollment=enrollment, capacity=capacity, timeout=sc.timeout,
+                start_timeout=sc.start_timeout, key_file=sc.key_file, population=population)
         else:
             assert sc.url is not None and sc.token_env is not None
-            backend = GatewaySite(sc.name, sc.source, url=sc.url, token_env=sc.token_env,
-                                  kernel_name=sc.kernel_name, **common)
+            backend = GatewaySite(
+                sc.name, sc.source, url=sc.url, token_env=sc.token_env,
+                kernel_name=sc.kernel_name, sites=config.site_names, enrollment=enrollment,
+                capacity=capacity, timeout=sc.timeout, start_timeout=sc.start_timeout,
+                key_file=sc.key_file, population=population)
         backends.append(backend)
         remote.append(backend)
     start_sites(remote)

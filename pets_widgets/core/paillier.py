@@ -17,6 +17,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from typing import TypeAlias
 
 import gmpy2
 from phe import paillier
@@ -29,7 +30,7 @@ DEFAULT_KEY_BITS = 2048
 ALLOWED_KEY_BITS = (1024, 2048, 3072)  # 1024 only for tests about logic, never for releases
 
 
-PublicKey = paillier.PaillierPublicKey
+PublicKey: TypeAlias = paillier.PaillierPublicKey
 
 
 def key_fingerprint(public_key: PublicKey) -> str:

@@ -88,7 +88,7 @@ def _as_int(value: object, field_name: str, bounds: tuple[int, int]) -> int:
         raise QueryValidationError(
             field_name, f"{value!r} is not an integer", f"integers {bounds[0]}-{bounds[1]}"
         )
-    return int(value)  # type: ignore[arg-type]
+    return int(value)  # type: ignore[call-overload]  # an Integral, checked just above
 
 
 def _normalise_filter(var: S.Variable, raw: object, field_name: str) -> FilterValue | None:
@@ -116,7 +116,7 @@ def _normalise_filter(var: S.Variable, raw: object, field_name: str) -> FilterVa
         # Site names belong to a federation: checked by QuerySpec.validate at run time.
         if not all(isinstance(v, str) and v.strip() for v in values):
             raise QueryValidationError(field_name, f"{values!r} are not site names", "site names")
-        return tuple(sorted({v.strip() for v in values}))
+        return tuple(sorted({str(v).strip() for v in values}))
     chosen: set[object] = set()
     for value in values:
         chosen.add(_match_value(var, value, field_name))
@@ -273,7 +273,7 @@ def structural_zeros(layout: Layout, where: Mapping[str, FilterValue],
 
 def _admits(var: S.Variable, allowed: FilterValue, value: object) -> bool:
     if var.kind is S.Kind.INTEGER:
-        return allowed[0] <= value <= allowed[1]  # type: ignore[operator]
+        return allowed[0] <= value <= allowed[1]
     return value in allowed
 
 
@@ -291,7 +291,9 @@ class QuerySpec:
     """Base class of query specs: a frozen, validated value with canonical JSON and hash."""
 
     kind: ClassVar[str] = ""
-    where: Where = field(default_factory=Where, kw_only=True)
+    #: Filters: variable -> allowed values (a list) or, for integers, a (low, high) range; any
+    #: mapping is accepted and normalised to a canonical :class:`Where` on validation.
+    where: Mapping[str, Any] = field(default_factory=Where, kw_only=True)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -40,7 +40,8 @@ def check_epsilon(epsilon: object) -> Fraction:
     if isinstance(epsilon, float) and not math.isfinite(epsilon):
         raise QueryValidationError("epsilon", f"{epsilon!r} is not finite",
                                    "a finite number above 0")
-    value = Fraction(str(epsilon)) if isinstance(epsilon, float) else Fraction(epsilon)
+    value = (Fraction(str(epsilon)) if isinstance(epsilon, float)
+             else Fraction(epsilon))  # type: ignore[call-overload]  # Rational or Integral
     if value <= 0:
         raise QueryValidationError("epsilon", f"{epsilon!r} is not above 0",
                                    "a finite number above 0")
@@ -49,10 +50,10 @@ def check_epsilon(epsilon: object) -> Fraction:
 
 def check_k(k: object) -> int:
     """Validate a requested suppression threshold."""
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or int(k) < 1:  # type: ignore[call-overload]
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or int(k) < 1:
         raise QueryValidationError("k", f"{k!r} is not a whole number of at least 1",
                                    "integers from the policy's k upwards")
-    return int(k)  # type: ignore[call-overload]
+    return int(k)
 
 
 def release_key(spec: QuerySpec, eps: Fraction, k: int, sites: Sequence[str]) -> str:

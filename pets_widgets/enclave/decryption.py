@@ -12,6 +12,7 @@ import functools
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeAlias
 
 import gmpy2
 import numpy as np
@@ -31,7 +32,7 @@ from pets_widgets.core.signing import VerifyKey
 from pets_widgets.core.wire import EncryptedAggregate
 from pets_widgets.enclave.admission import Admission
 
-PrivateKey = paillier.PaillierPrivateKey
+PrivateKey: TypeAlias = paillier.PaillierPrivateKey
 
 
 def generate_paillier_keypair(n_length: int = DEFAULT_KEY_BITS) -> tuple[PublicKey, PrivateKey]:

@@ -9,6 +9,7 @@ back to the coordinator, which must not see patient data.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -214,8 +215,8 @@ def source_from_dict(data: Mapping[str, Any]) -> Source:
     cls = SOURCES[kind]
     fields = {k: v for k, v in data.items() if k != "kind"}
     try:
-        return cls(**fields)  # type: ignore[no-any-return]
+        return cls(**fields)
     except TypeError:
-        allowed = sorted(cls.__dataclass_fields__)
+        allowed = sorted(f.name for f in dataclasses.fields(cls))
         raise ConfigError(f"{kind} source: unexpected keys {sorted(fields)}; allowed: "
                           f"{allowed}") from None

@@ -24,7 +24,7 @@ GROUP_SHARE = {
 }
 
 #: Relative incidence by single year of age 0..14 within each group.
-AGE_WEIGHTS = {
+AGE_WEIGHTS: dict[str, list[float]] = {
     "Leukaemia": [3, 6, 9, 9, 8, 6, 5, 4, 3.5, 3, 3, 3, 3, 3, 3],
     "Lymphoma": [0.3, 0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 9],
     "CNS": [3, 4, 5, 5, 5, 5, 5, 5, 5, 4.5, 4.5, 4.5, 4, 4, 4],
@@ -101,7 +101,7 @@ def profiles(n_sites: int = 2, rows_per_site: int | None = None) -> tuple[SitePr
     return tuple(out)
 
 
-def _normalised(weights: Sequence[float]) -> np.ndarray:
+def _normalised(weights: Sequence[float] | np.ndarray) -> np.ndarray:
     w = np.asarray(weights, dtype=float)
     return w / w.sum()
 
@@ -171,7 +171,7 @@ def registry(profile: SiteProfile, seed: int, n_rows: int | None = None) -> pd.D
         "age_at_diagnosis": age,
         "age_band": np.array([S.age_band_of(a) for a in range(S.MAX_AGE + 1)])[age],
         "diagnosis_year": year.astype(np.int64),
-        "diagnosis_period": np.array([S.period_of(y) for y in years])[year - S.FIRST_YEAR],
+        "diagnosis_period": np.array([S.period_of(int(y)) for y in years])[year - S.FIRST_YEAR],
         "tumour_group": group,
         "subtype": subtype.astype(str),
         "stage": stage.astype(str),

@@ -6,7 +6,7 @@ the value itself.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -154,18 +154,19 @@ def _consistency(out: Mapping[str, Any], valid: Mapping[str, np.ndarray]) -> lis
         groups = np.asarray(out["tumour_group"], dtype=object)
         # The schema's rules on linked variables (the same ones that define structural
         # zeros): a listed subtype only in its own group, a stage only where it applies.
-        for name, rule, problem in (
+        linked: tuple[tuple[str, Callable[[Any, Any], bool], str], ...] = (
             ("subtype", S.subtype_allowed, "is not possible in this tumour_group"),
             ("stage", lambda st, g: (st != "Not applicable") == S.stage_applies(g),
              "does not fit this tumour_group (staged groups need a stage, others "
              "'Not applicable')"),
-        ):
+        )
+        for name, fits, problem in linked:
             if name not in valid:
                 continue
             both = valid[name] & valid["tumour_group"]
             values = np.asarray(out[name], dtype=object)
             wrong = both.copy()
-            wrong[both] = [not rule(v, g) for v, g in zip(values[both], groups[both],
+            wrong[both] = [not fits(v, g) for v, g in zip(values[both], groups[both],
                                                           strict=True)]
             if wrong.any():
                 problems.append(DataProblem(name, problem, _rows_where(wrong)))

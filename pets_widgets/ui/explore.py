@@ -163,7 +163,8 @@ class PublicReference:
         """
         spec = spec.validate(self.schema)
         layout = spec.layout(self.schema)
-        total = sum(site._aggregate(spec) for site in self._site_objects())
+        total: np.ndarray = sum((site._aggregate(spec) for site in self._site_objects()),
+                                np.zeros(layout.size, dtype=np.int64))
         out, slices = {}, layout.slices()
         for block in layout.blocks:
             out[block.name] = np.asarray(total[slices[block.name]], dtype=np.int64)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -102,7 +103,7 @@ def _ticks(grid: np.ndarray, interval: int, horizon: int) -> np.ndarray:
     return grid[(grid % step) == 0]
 
 
-def at_risk_rows(release: Release, ticks: Sequence[float]) -> pd.DataFrame:
+def at_risk_rows(release: Release, ticks: Sequence[float] | np.ndarray) -> pd.DataFrame:
     """The number-at-risk table under a survival plot: drawn strata x tick times, as text.
 
     Released numbers only: a number at risk below k was not released and shows as ``<k``.
@@ -201,6 +202,10 @@ def _bars(ax: Axes, labels: list[str], values: pd.Series, lower: pd.Series, uppe
     lo = pd.to_numeric(lower, errors="coerce").to_numpy(dtype=float)
     hi = pd.to_numeric(upper, errors="coerce").to_numpy(dtype=float)
     hide = hidden.to_numpy(dtype=bool)
+    align: Literal["center", "edge"]
+    x: np.ndarray
+    widths: np.ndarray
+    centres: np.ndarray
     if edges is not None:
         x = edges[:-1].astype(float)
         widths = np.diff(edges).astype(float)

@@ -31,7 +31,7 @@ class NoiseMechanism(Protocol):
 
 
 @lru_cache(maxsize=64)
-def _opendp_measurement(scale: float):  # type: ignore[no-untyped-def]
+def _opendp_measurement(scale: float):
     import opendp.prelude as dp
 
     dp.enable_features("contrib")

@@ -210,10 +210,10 @@ def logrank_from_counts(deaths: np.ndarray, at_risk: np.ndarray, labels: list[st
     name = "multivariate_logrank_test" + (" (from noisy counts)" if noisy else "")
     result = StatisticalResult(p_value, statistic, test_name=name, t_0=horizon,
                                null_distribution="chi squared", degrees_of_freedom=groups - 1)
-    result.table = pd.DataFrame(  # type: ignore[attr-defined]
+    result.table = pd.DataFrame(
         {"observed": observed, "expected": expected}, index=pd.Index(labels, name="stratum"))
-    result.noisy = noisy  # type: ignore[attr-defined]
-    result.note = (  # type: ignore[attr-defined]
+    result.noisy = noisy
+    result.note = (
         "computed from noisy counts (numbers at risk and deaths after post-processing); the "
         "noise is not in the variance, so the p-value is approximate" if noisy else
         "computed from exact counts (test door)")
