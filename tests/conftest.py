@@ -3,6 +3,8 @@ is about logic rather than key size, 1024-bit keys (one end-to-end test keeps 20
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 import pets_widgets as pw
@@ -39,6 +41,23 @@ def pooled2(fed2: pw.Federation):
 @pytest.fixture(scope="session")
 def pooled5(fed5: pw.Federation):
     return pw.testing.pooled_rows(fed5)
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+        ) -> pw.Federation:
+    """A federation of the test module's own (seed 5, its own ledger), for modules whose
+    tests spend budget and read it back."""
+    return make_fed(tmp_path_factory, request.module.__name__.rsplit(".", 1)[-1], seed=5)
+
+
+@pytest.fixture(scope="module")
+def no_leaked_kernels() -> Iterator[None]:
+    """Fails the module if a kernel or gateway it started is still running at its end."""
+    from .kernel_helpers import assert_no_kernel_children
+
+    yield
+    assert_no_kernel_children()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ from pathlib import Path
 import psutil
 
 from pets_widgets.coordinator.remote import RemoteSite
+from pets_widgets.ui.serve import free_port
 
 MARKERS = ("ipykernel", "kernelgateway")
 
@@ -85,12 +85,6 @@ def faulty_respond(site: RemoteSite, body: str) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- gateway
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Gateway:
     url: str

@@ -18,17 +18,15 @@ from pets_widgets.site.sources import CsvSource, ParquetSource, SqlSource, Synth
 from pets_widgets.site.validation import validate_rows
 
 from .conftest import TEST_KEY_BITS
-from .kernel_helpers import assert_no_kernel_children, kernel_children
+from .kernel_helpers import kernel_children
 from .oracle import expected
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SCHEMA = S.Schema(("CSVREG", "SQLREG"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_leaked_kernels():
-    yield
-    assert_no_kernel_children()
+#: Every kernel and gateway this module starts is gone when it ends.
+pytestmark = pytest.mark.usefixtures("no_leaked_kernels")
 
 
 def registry(site: str, seed: int, n: int) -> pd.DataFrame:

@@ -240,7 +240,7 @@ def test_released_two_way_counts_resist_the_linear_programming_attacker(fresh_fe
     assert "secondary" in release.card.suppression_rule
 
 
-def test_regression_highs_warm_start_ending_unknown_is_solved_again():
+def test_a_highs_warm_start_ending_unknown_is_solved_again():
     """HiGHS once ended a warm-started solve with status 'Unknown' on this table."""
     cells = np.array([[3, 0, 0, 3], [0, 0, 1, 2], [5, 3, 5, 5], [2, 2, 5, 0]])
     table = np.zeros((5, 5))

@@ -17,9 +17,10 @@ import pytest
 import pets_widgets as pw
 
 from .conftest import TEST_KEY_BITS
-from .kernel_helpers import assert_no_kernel_children, kernel_gateway
+from .kernel_helpers import kernel_gateway
 
-pytestmark = pytest.mark.slow
+#: Slow; every kernel and gateway this module starts is gone when it ends.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leaked_kernels")]
 
 SITES = """
 [[sites]]
@@ -35,11 +36,6 @@ backend = "{backend}"
 source = {{ kind = "csv", path = "{csv}" }}
 """
 
-
-@pytest.fixture(scope="module", autouse=True)
-def no_leaked_processes():
-    yield
-    assert_no_kernel_children()
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +94,7 @@ def test_a_missing_token_variable_is_named(gateway, tmp_path, monkeypatch):
 
 
 def test_an_unreachable_gateway_is_named(tmp_path, monkeypatch):
-    from .kernel_helpers import free_port
+    from pets_widgets.ui.serve import free_port
 
     monkeypatch.setenv("PETS_TEST_KG_TOKEN", "x")
     path = write_config(tmp_path, "gateway", f"http://127.0.0.1:{free_port()}/",

@@ -25,9 +25,10 @@ from pets_widgets.core.wire import AggregateRequest, new_nonce
 from pets_widgets.site.kernel_entry import CALL_TEMPLATE, call_code
 
 from .conftest import SMALL_ROWS, TEST_KEY_BITS
-from .kernel_helpers import assert_no_kernel_children, faulty_respond, rss_mb, run_in_kernel
+from .kernel_helpers import faulty_respond, rss_mb, run_in_kernel
 
-pytestmark = pytest.mark.slow
+#: Slow; every kernel and gateway this module starts is gone when it ends.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leaked_kernels")]
 
 SPECS = [
     pw.Count(),
@@ -54,11 +55,6 @@ def fresh_epsilon() -> float:
     """A new epsilon per successful run, so no run is answered from the stored releases."""
     return round(0.01 + 0.001 * next(_EPSILONS), 4)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def no_leaked_kernels():
-    yield
-    assert_no_kernel_children()
 
 
 @pytest.fixture(scope="module")

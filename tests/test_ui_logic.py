@@ -21,14 +21,8 @@ from pets_widgets.coordinator.progress import ProgressModel
 from pets_widgets.enclave.pipeline import release as pipeline
 from pets_widgets.enclave.pipeline.noise import noise_interval, noise_sd
 from pets_widgets.ui import explore, forms, render
-from tests.conftest import make_fed
 
 SCHEMA = pw.default_schema()
-
-
-@pytest.fixture(scope="module")
-def fed(tmp_path_factory):
-    return make_fed(tmp_path_factory, "ui", seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ W = pytest.importorskip("ipywidgets")
 
 
 @pytest.fixture
-def fed(tmp_path_factory):
-    return make_fed(tmp_path_factory, "widgets", seed=5)
+def fed(fresh_fed):
+    """Each widget test gets a federation with a new ledger (the shared ``fresh_fed``)."""
+    return fresh_fed
 
 
 def visible(widget) -> bool:

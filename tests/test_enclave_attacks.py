@@ -1,4 +1,5 @@
-"""Regression tests for attacks found in review: each one pinned by name."""
+"""Attacks on the enclave's admission and release, each tried and shown to fail: altered
+receipts, replays, a swapped policy, overflow probes, redrawn refusals, renamed analysts."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def _collect(fed, admission):
     return fed._gather(admission, lambda *a: None)
 
 
-def test_regression_altered_admission_cannot_lower_k_or_raise_epsilon(fresh_fed):
+def test_altered_admission_cannot_lower_k_or_raise_epsilon(fresh_fed):
     enclave = fresh_fed.enclave
     spec = pw.Count(by=["subtype"], where={"diagnosis_year": (2001, 2001)})
     admission = enclave.admit(spec, 1.0, 5, "eve", fresh_fed.site_names)
@@ -32,7 +33,7 @@ def test_regression_altered_admission_cannot_lower_k_or_raise_epsilon(fresh_fed)
     assert fresh_fed.budget("eve").analyst_spent == 0
 
 
-def test_regression_old_aggregates_cannot_be_replayed_into_a_new_release(fresh_fed):
+def test_old_aggregates_cannot_be_replayed_into_a_new_release(fresh_fed):
     enclave = fresh_fed.enclave
     spec = pw.Count(by=["sex"])
     first = enclave.admit(spec, 1.0, 5, "eve", fresh_fed.site_names)
@@ -44,7 +45,7 @@ def test_regression_old_aggregates_cannot_be_replayed_into_a_new_release(fresh_f
             enclave.issue_nonce(second, agg.site, agg.nonce)
 
 
-def test_regression_another_k_is_another_release_and_hidden_cells_stay_hidden(fresh_fed):
+def test_another_k_is_another_release_and_hidden_cells_stay_hidden(fresh_fed):
     spec = pw.Crosstab(rows="tumour_group", cols="age_band", where={"diagnosis_year": (2005, 2005)})
     at5 = fresh_fed.run(spec, analyst="eve")
     again = fresh_fed.run(spec, analyst="eve")
@@ -58,7 +59,7 @@ def test_regression_another_k_is_another_release_and_hidden_cells_stay_hidden(fr
     assert fresh_fed.budget("eve").analyst_spent == 2
 
 
-def test_regression_policy_cannot_be_swapped_after_attestation(fresh_fed):
+def test_policy_cannot_be_swapped_after_attestation(fresh_fed):
     with pytest.raises(AttributeError):
         fresh_fed.enclave.policy = pw.Policy(k=1)  # type: ignore[misc]
     fresh_fed.enclave._gate._policy = pw.Policy(k=1, min_subset=0)
@@ -69,7 +70,7 @@ def test_regression_policy_cannot_be_swapped_after_attestation(fresh_fed):
         fresh_fed.enclave._gate._policy = pw.Policy()
 
 
-def test_regression_overflow_probe_is_charged_and_locks_the_federation(fresh_fed):
+def test_overflow_probe_is_charged_and_locks_the_federation(fresh_fed):
     """A colluding site encrypting out-of-range values learns one bit at most: the failure
     is charged, and the federation locks."""
     site = fresh_fed._sites[0]._site
@@ -94,7 +95,7 @@ def test_regression_overflow_probe_is_charged_and_locks_the_federation(fresh_fed
     fresh_fed.run(pw.Count(by=["age_band"]), analyst="ann")
 
 
-def test_regression_subset_refusals_cannot_be_redrawn_by_changing_epsilon(fresh_fed):
+def test_subset_refusals_cannot_be_redrawn_by_changing_epsilon(fresh_fed):
     where = {"subtype": ["PPB"], "sex": ["F"], "diagnosis_year": (2003, 2004)}
     with pytest.raises(pw.QueryRefused) as info:
         fresh_fed.run(pw.Count(where=where), epsilon=1.0, analyst="eve")
@@ -109,7 +110,7 @@ def test_regression_subset_refusals_cannot_be_redrawn_by_changing_epsilon(fresh_
     assert fresh_fed.budget("eve").federation_spent == 1
 
 
-def test_regression_a_filter_on_every_site_is_no_filter(fresh_fed):
+def test_a_filter_on_every_site_is_no_filter(fresh_fed):
     spec = pw.Count(by=["sex"], where={"site": list(fresh_fed.site_names)})
     assert spec.canonical(fresh_fed.schema).hash == pw.Count(by=["sex"]).hash
     first = fresh_fed.run(pw.Count(by=["sex"]), analyst="eve")
@@ -117,14 +118,14 @@ def test_regression_a_filter_on_every_site_is_no_filter(fresh_fed):
     assert again.card.repeated and again.table.equals(first.table)
 
 
-def test_regression_jupyterhub_user_is_enforced_inside_the_enclave(fresh_fed, monkeypatch):
+def test_jupyterhub_user_is_enforced_inside_the_enclave(fresh_fed, monkeypatch):
     monkeypatch.setenv("JUPYTERHUB_USER", "hub-user")
     with pytest.raises(pw.QueryValidationError) as info:
         fresh_fed.enclave.admit(pw.Count(), 1.0, 5, "someone-else", fresh_fed.site_names)
     assert info.value.field == "analyst"
 
 
-def test_regression_margin_intervals_allow_for_clamping_bias():
+def test_margin_intervals_allow_for_clamping_bias():
     from pets_widgets.enclave.pipeline.tables import _clamp_bias, _margin_bounds
 
     table = np.zeros((3, 4), dtype=np.int64)  # all-zero 2x3 table with margins
