@@ -1,5 +1,6 @@
 """Command line: ``python -m pets_widgets demo`` prints a released crosstab and its card;
-``python -m pets_widgets dashboard`` serves the dashboard with Voila on 127.0.0.1."""
+``python -m pets_widgets dashboard`` serves the dashboard with Voila on 127.0.0.1;
+``python -m pets_widgets attest digest`` prints the image digest of the installed enclave."""
 
 from __future__ import annotations
 
@@ -38,8 +39,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_dash.add_argument("--config", default=None,
                         help="a TOML site configuration (local, kernel or gateway sites; see "
                              "examples/sites.toml) instead of the synthetic demo")
+    p_attest = sub.add_parser("attest", help="attestation: the enclave image digest to approve")
+    attest = p_attest.add_subparsers(dest="attest_command", required=True)
+    attest.add_parser("digest", help="print the image digest of the installed enclave code "
+                      "with the default policy and dictionary (what a site approves)")
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    if args.command == "attest":
+        from pets_widgets.platform.measurement import expected_image_digest
+
+        print(expected_image_digest())
+    elif args.command == "demo":
         demo(args.seed)
     elif args.command == "dashboard":
         from pets_widgets.ui.serve import serve

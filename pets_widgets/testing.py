@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from pets_widgets.coordinator.federation import Federation, LocalSite
+from pets_widgets.core.errors import QueryRefused
 from pets_widgets.core.query import QuerySpec
 from pets_widgets.core.release import Release
 from pets_widgets.core.wire import EncryptedAggregate
@@ -31,7 +32,11 @@ from pets_widgets.enclave.pipeline.release import EXACT_MECHANISM, build_release
 def admit_exact(enclave: Enclave, spec: QuerySpec, analyst: str,
                 sites: Sequence[str]) -> Admission:
     """An open admission for the exact door: validated, but no policy, budget or stored
-    release (the enclave's own ``admit`` applies all three)."""
+    release (the enclave's own ``admit`` applies all three). Only a debug enclave has this
+    door: its tokens say so, and sites refuse them unless they allow debug enclaves."""
+    if not enclave.debug:
+        raise RuntimeError("exact totals need a debug enclave: build the federation with "
+                           "demo_federation(..., debug=True) or from_config(..., debug=True)")
     spec = spec.validate(enclave.schema).canonical(enclave.schema)
     admission = enclave._admission(spec, Fraction(1), enclave.policy.k, analyst, tuple(sites))
     enclave._open.open(admission)
@@ -43,6 +48,10 @@ def release_exact(enclave: Enclave, admission: Admission,
     """Exact totals of verified aggregates: no noise, no suppression, no budget (an audit
     row records the test use). For oracle tests only."""
     admission, nonces = enclave._open.take(admission)
+    missing = enclave._gate.missing_inputs(admission.spec.kind)
+    if missing:
+        raise QueryRefused("public_inputs", f"a {admission.spec.kind} query needs public "
+                           f"{', '.join(missing)} tables, and none are registered")
     enclave._decryptor.verify(admission, nonces, aggregates, summed)
     totals = enclave._decryptor.totals(admission, summed)
     enclave.ledger.record(admission.record, audit.TEST, rule="test",

@@ -8,15 +8,24 @@ from collections.abc import Iterator
 import pytest
 
 import pets_widgets as pw
+from pets_widgets.site.trust import Floors
 
 SMALL_ROWS = 3_000
 TEST_KEY_BITS = 1024
+#: What oracle tests of configured federations need: the exact door (a debug enclave the
+#: sites accept) and totals by site.
+TESTING: dict[str, object] = {
+    "debug": True, "floors": Floors(lifetime_epsilon=1e9, allow_site_breakdown=True)}
 
 
 def make_fed(tmp_path_factory: pytest.TempPathFactory, name: str,
              **kwargs: object) -> pw.Federation:
     ledger = tmp_path_factory.mktemp(name) / "ledger.sqlite"
     kwargs.setdefault("key_bits", TEST_KEY_BITS)
+    # Oracle tests need the exact door (a debug enclave) and totals by site, and session
+    # federations answer more than a site's default lifetime epsilon.
+    kwargs.setdefault("debug", True)
+    kwargs.setdefault("floors", TESTING["floors"])
     kwargs.setdefault("rows_per_site", SMALL_ROWS)
     return pw.demo_federation(ledger=ledger, **kwargs)  # type: ignore[arg-type]
 

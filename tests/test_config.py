@@ -17,7 +17,7 @@ from pets_widgets.site import synthetic
 from pets_widgets.site.sources import CsvSource, ParquetSource, SqlSource, SyntheticSource
 from pets_widgets.site.validation import validate_rows
 
-from .conftest import TEST_KEY_BITS
+from .conftest import TEST_KEY_BITS, TESTING
 from .kernel_helpers import kernel_children
 from .oracle import expected
 
@@ -213,7 +213,7 @@ def population(site: str, per_year: int) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def file_feds(registry_files):
     feds = {b: pw.Federation.from_config(registry_files / f"{b}.toml", key_bits=TEST_KEY_BITS,
-                                         ledger=registry_files / f"{b}.sqlite")
+                                         ledger=registry_files / f"{b}.sqlite", **TESTING)
             for b in ("kernel", "local")}
     yield feds
     for fed in feds.values():

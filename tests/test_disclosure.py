@@ -17,15 +17,16 @@ from hypothesis import strategies as st
 import pets_widgets as pw
 from pets_widgets.coordinator.federation import Federation, LocalSite
 from pets_widgets.enclave import ledger as audit
-from pets_widgets.enclave.enclave import Enclave, expected_measurement
+from pets_widgets.enclave.enclave import Enclave
 from pets_widgets.enclave.pipeline.suppression import (
     feasible_ranges,
     primary_suppression,
     secondary_suppression,
 )
+from pets_widgets.platform.verifier import PlatformVerifier
 from pets_widgets.site import synthetic
 from pets_widgets.site.site import Site
-from pets_widgets.site.trust import Enrollment
+from pets_widgets.site.trust import Floors, SiteTrust
 
 from .conftest import TEST_KEY_BITS
 
@@ -97,11 +98,16 @@ def test_a_filter_selecting_too_few_patients_is_refused(fresh_fed):
 def _federation(frames: dict[str, pd.DataFrame], ledger_path) -> Federation:
     schema = pw.Schema(tuple(frames))
     policy = pw.Policy()
-    enclave = Enclave(schema, audit.Ledger(ledger_path), policy, key_bits=TEST_KEY_BITS)
+    verifier = PlatformVerifier()
+    launched = verifier.launch(policy, schema.digest, debug=True)
+    enclave = Enclave(schema, audit.Ledger(ledger_path), policy, key_bits=TEST_KEY_BITS,
+                      issuer=launched)
+    trust = SiteTrust(verifier.jwks(), (launched.image_digest,), allow_debug=True)
     sites = []
     for name, rows in frames.items():
-        site = Site(name, rows, schema)
-        site.enroll(Enrollment(enclave.platform_key, expected_measurement(policy)))
+        # The attack spends far more than a site's default lifetime budget on purpose.
+        site = Site(name, rows, schema, floors=Floors(lifetime_epsilon=1e9))
+        site.enroll(trust)
         sites.append(LocalSite(site))
     return Federation(sites, enclave)
 

@@ -62,12 +62,8 @@ def test_another_k_is_another_release_and_hidden_cells_stay_hidden(fresh_fed):
 def test_policy_cannot_be_swapped_after_attestation(fresh_fed):
     with pytest.raises(AttributeError):
         fresh_fed.enclave.policy = pw.Policy(k=1)  # type: ignore[misc]
-    fresh_fed.enclave._gate._policy = pw.Policy(k=1, min_subset=0)
-    try:
-        with pytest.raises(pw.AttestationError, match="measurement"):
-            fresh_fed.run(pw.Count(by=["subtype"]), k=1)
-    finally:
-        fresh_fed.enclave._gate._policy = pw.Policy()
+    # Swapping the enforced policy underneath: tests/test_site_trust.py shows every site
+    # then refuses the enclave (its image digest changes).
 
 
 def test_overflow_probe_is_charged_and_locks_the_federation(fresh_fed):

@@ -13,7 +13,7 @@ import pets_widgets as pw
 
 @pytest.mark.slow
 def test_default_demo_federation_end_to_end_at_2048_bits(tmp_path):
-    fed = pw.demo_federation(seed=7, ledger=tmp_path / "ledger.sqlite")
+    fed = pw.demo_federation(seed=7, ledger=tmp_path / "ledger.sqlite", debug=True)
     assert fed.enclave.key_bits == 2048 and fed.enclave.public_key.n.bit_length() == 2048
     assert fed.site_names == ("NDRS", "NCI")
     spec = pw.Crosstab(rows="tumour_group", cols="age_band", where={"sex": ["F"]})

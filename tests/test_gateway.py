@@ -16,7 +16,7 @@ import pytest
 
 import pets_widgets as pw
 
-from .conftest import TEST_KEY_BITS
+from .conftest import TEST_KEY_BITS, TESTING
 from .kernel_helpers import kernel_gateway
 
 #: Slow; every kernel and gateway this module starts is gone when it ends.
@@ -59,9 +59,9 @@ def test_two_sites_behind_a_gateway_answer_queries(gateway, tmp_path, monkeypatc
     monkeypatch.setenv("PETS_TEST_KG_TOKEN", gateway.token)
     path = write_config(tmp_path, "gateway", gateway.url, "PETS_TEST_KG_TOKEN")
     with pw.Federation.from_config(path, key_bits=TEST_KEY_BITS,
-                                   ledger=tmp_path / "gw.sqlite") as fed, \
+                                   ledger=tmp_path / "gw.sqlite", **TESTING) as fed, \
          pw.Federation.from_config(write_config(tmp_path, "local"), key_bits=TEST_KEY_BITS,
-                                   ledger=tmp_path / "local.sqlite") as local:
+                                   ledger=tmp_path / "local.sqlite", **TESTING) as local:
         status = fed.status()
         assert (status["backend"] == "gateway").all() and status["alive"].all()
         assert status["rows"].tolist() == [1200, 400]
@@ -113,7 +113,7 @@ def test_a_gateway_kernel_killed_while_idle_is_restarted_with_the_same_key(gatew
         f'token_env = "PETS_TEST_KG_TOKEN"\nkey_file = "{tmp_path / "a-key.pem"}"\n'
         'source = { kind = "synthetic", seed = 1, size = 300 }\n')
     with pw.Federation.from_config(path, key_bits=TEST_KEY_BITS,
-                                   ledger=tmp_path / "l.sqlite") as fed:
+                                   ledger=tmp_path / "l.sqlite", **TESTING) as fed:
         site = fed._sites[0]
         key, pid = site.verify_key, site.kernel_info["pid"]
         before = pw.testing.noiseless(fed, pw.Count(by=["sex"])).table

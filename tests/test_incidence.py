@@ -11,9 +11,9 @@ from scipy import stats
 import pets_widgets as pw
 from pets_widgets.core import schema as S
 from pets_widgets.core import standards
-from pets_widgets.enclave.enclave import measured_files
 from pets_widgets.enclave.pipeline import incidence
 from pets_widgets.enclave.pipeline.tables import NoisyBlocks
+from pets_widgets.platform.measurement import measured_files
 
 from .conftest import make_fed
 from .oracle import filtered

@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 
 import pets_widgets as pw
-from pets_widgets import testing
 from pets_widgets.coordinator.federation import Federation, LocalSite, aggregate
 from pets_widgets.core.errors import PackingError
 from pets_widgets.core.packing import Packing
@@ -19,10 +18,11 @@ from pets_widgets.core.paillier import (
     key_fingerprint,
 )
 from pets_widgets.core.signing import SigningKey
-from pets_widgets.core.wire import AggregateRequest, EncryptedAggregate, new_nonce
+from pets_widgets.core.wire import EncryptedAggregate, new_nonce
 from pets_widgets.enclave.decryption import decrypt, generate_paillier_keypair
-from pets_widgets.enclave.enclave import Enclave, expected_measurement
-from pets_widgets.site.trust import Enrollment
+from pets_widgets.enclave.enclave import Enclave
+
+from .attest import real_request, verifier_of
 
 SPEC = pw.Count(by=["tumour_group"])
 
@@ -106,61 +106,19 @@ def test_tampered_homomorphic_sum_is_caught(fresh_fed, monkeypatch):
     assert_nothing_released(fresh_fed, before)
 
 
-def test_sites_refuse_an_enclave_whose_policy_was_loosened(fresh_fed):
-    schema = fresh_fed.schema
-    loosened = Enclave(schema, fresh_fed.ledger, pw.Policy(k=1), key_bits=1024)
-    approved = expected_measurement(pw.Policy())
-    assert loosened.measurement != approved
-    sites = []
-    for s in fresh_fed._sites:
-        s._site.enroll(Enrollment(loosened.platform_key, approved))
-        sites.append(s)
+def test_sites_refuse_a_genuine_enclave_whose_policy_was_loosened(fresh_fed, tmp_path):
+    """A real verifier launched it and signs its tokens; but its policy is not the approved
+    one, so its image digest is not either."""
+    launched = verifier_of(fresh_fed).launch(pw.Policy(k=1), fresh_fed.schema.digest,
+                                             debug=True)
+    loosened = Enclave(fresh_fed.schema, fresh_fed.ledger, pw.Policy(k=1), key_bits=1024,
+                       issuer=launched)
     before = len(fresh_fed.audit_log())
-    with pytest.raises(pw.AttestationError, match="measurement") as info:
-        Federation(sites, loosened).run(SPEC)
-    assert info.value.site == "NDRS"
+    with pytest.raises(pw.AttestationError, match="image digest") as info:
+        Federation(fresh_fed._sites, loosened).run(SPEC)
+    assert info.value.site == "NDRS" and info.value.rule == "trust.image"
     log = fresh_fed.audit_log()
     assert len(log) == before + 1 and log.iloc[-1].outcome == "failed"
-
-
-def test_sites_refuse_a_quote_not_signed_by_the_platform(fresh_fed):
-    impostor = SigningKey()
-    enclave = fresh_fed.enclave
-    real_quote = enclave.quote
-
-    def forged(nonce):
-        q = dataclasses.replace(real_quote(nonce), signature=b"")
-        return dataclasses.replace(q, signature=impostor.sign(q.body()))
-
-    enclave.quote = forged  # type: ignore[method-assign]
-    try:
-        with pytest.raises(pw.AttestationError, match="signature"):
-            fresh_fed.run(SPEC)
-    finally:
-        del enclave.quote
-    assert fresh_fed.budget().analyst_spent == 0
-
-
-def test_sites_refuse_a_stale_quote(fresh_fed):
-    site = fresh_fed._sites[0]._site
-    enclave = fresh_fed.enclave
-    admission = testing.admit_exact(enclave, SPEC, "t", fresh_fed.site_names)
-    old_nonce = site.challenge()
-    quote = enclave.quote(old_nonce)
-    request = AggregateRequest(SPEC, quote, enclave.public_key, admission.packing)
-    site.respond(request)  # the first use is fine
-    with pytest.raises(pw.AttestationError, match="challenge"):
-        site.respond(request)  # a replayed quote is not
-
-
-def test_sites_refuse_a_key_the_quote_does_not_name(fresh_fed):
-    site = fresh_fed._sites[0]._site
-    enclave = fresh_fed.enclave
-    admission = testing.admit_exact(enclave, SPEC, "t", fresh_fed.site_names)
-    other_pk, _ = generate_paillier_keypair(1024)
-    quote = enclave.quote(site.challenge())
-    with pytest.raises(pw.AttestationError, match="key"):
-        site.respond(AggregateRequest(SPEC, quote, other_pk, admission.packing))
 
 
 def test_packing_overflow_is_impossible_and_checked():
@@ -188,12 +146,9 @@ def test_pack_encrypt_sum_decrypt_round_trip(values):
 
 
 def test_aggregate_wire_form_round_trips_and_rejects_garbage(fed2):
-    enclave = fed2.enclave
     site = fed2._sites[1]._site
-    admission = testing.admit_exact(enclave, SPEC, "t", fed2.site_names)
-    quote = enclave.quote(site.challenge())
-    agg = site.respond(AggregateRequest(SPEC, quote, enclave.public_key,
-                                                admission.packing))
+    _, request = real_request(fed2, site, SPEC)
+    agg = site.respond(request)
     assert EncryptedAggregate.from_json(agg.to_json()) == agg
     with pytest.raises(pw.IntegrityError):
         EncryptedAggregate.from_json('{"site": "NCI"}')

@@ -6,7 +6,6 @@ module; fault tests restore the sites they break. Loopback only; every kernel is
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import signal
@@ -14,17 +13,18 @@ import threading
 import time
 from pathlib import Path
 
+import jwt
 import pandas as pd
 import pytest
 
 import pets_widgets as pw
 from pets_widgets import testing
 from pets_widgets.core.errors import SiteAttestationError, SiteIntegrityError
-from pets_widgets.core.signing import SigningKey
 from pets_widgets.core.wire import AggregateRequest, new_nonce
+from pets_widgets.platform.verifier import PlatformVerifier
 from pets_widgets.site.kernel_entry import CALL_TEMPLATE, call_code
 
-from .conftest import SMALL_ROWS, TEST_KEY_BITS
+from .conftest import SMALL_ROWS, TEST_KEY_BITS, TESTING
 from .kernel_helpers import faulty_respond, rss_mb, run_in_kernel
 
 #: Slow; every kernel and gateway this module starts is gone when it ends.
@@ -61,7 +61,7 @@ def fresh_epsilon() -> float:
 def kfed2(tmp_path_factory):
     t0 = time.monotonic()
     fed = pw.demo_federation(seed=7, rows_per_site=SMALL_ROWS, key_bits=TEST_KEY_BITS,
-                             backend="kernel",
+                             backend="kernel", **TESTING,
                              ledger=tmp_path_factory.mktemp("kfed2") / "ledger.sqlite")
     fed.start_seconds = time.monotonic() - t0  # type: ignore[attr-defined]
     with fed:
@@ -71,7 +71,7 @@ def kfed2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def kfed5(tmp_path_factory):
     with pw.demo_federation(seed=11, n_sites=5, rows_per_site=1_500, key_bits=TEST_KEY_BITS,
-                            backend="kernel",
+                            backend="kernel", **TESTING,
                             ledger=tmp_path_factory.mktemp("kfed5") / "ledger.sqlite") as fed:
         yield fed
 
@@ -233,12 +233,12 @@ def test_a_hanging_site_times_out_is_interrupted_and_stays_usable(kfed2):
     ('return {"aggregate": "garbage"}', SiteIntegrityError, "malformed"),
     ("return None", SiteIntegrityError, "no result"),
     ("raise ZeroDivisionError", pw.SiteError, "ZeroDivisionError in the site kernel"),
-    # a correctly signed aggregate for another spec with the same layout
+    # a request rewritten to another spec with the same layout: the token admits another query
     ("""import json
 request = json.loads(args["request"])
 request["spec"]["where"] = {"sex": ["F"]}
 return _k._test_original({"request": json.dumps(request)})""",
-     SiteIntegrityError, "for another query"),
+     SiteAttestationError, "trust.admission"),
     # a correctly signed aggregate encrypted to another enclave key
     ("""import dataclasses
 from pets_widgets.core.paillier import encrypt, key_fingerprint
@@ -258,19 +258,19 @@ def test_a_faulty_reply_aborts_the_query_naming_the_site(kfed2, body, error, cau
     next_query_succeeds(kfed2)
 
 
-def test_a_quote_the_site_cannot_verify_fails_attestation(kfed2):
-    enclave, real = kfed2.enclave, kfed2.enclave.quote
-    impostor = SigningKey()
+def test_a_token_the_site_cannot_verify_fails_attestation(kfed2, monkeypatch):
+    enclave = kfed2.enclave
+    impostor = PlatformVerifier()
+    real = enclave.issue_nonce
 
-    def forged(nonce):
-        quote = dataclasses.replace(real(nonce), signature=b"")
-        return dataclasses.replace(quote, signature=impostor.sign(quote.body()))
+    def forged(admission, site, nonce):
+        token = real(admission, site, nonce)
+        return impostor._sign(jwt.decode(token, options={"verify_signature": False}))
 
-    enclave.quote = forged  # type: ignore[method-assign]
-    try:
-        run_fault(kfed2, SiteAttestationError, "NDRS", "signature does not verify")
-    finally:
-        del enclave.quote
+    monkeypatch.setattr(enclave, "issue_nonce", forged)
+    error = run_fault(kfed2, SiteAttestationError, "NDRS", "trust.signature")
+    assert error.rule == "trust.signature"
+    monkeypatch.undo()
     next_query_succeeds(kfed2)
 
 
@@ -304,7 +304,8 @@ def test_200_mixed_queries_no_crash_no_leak_memory_steady(kfed2):
 
     def stale_request(spec: pw.QuerySpec) -> AggregateRequest:
         admission = testing.admit_exact(enclave, spec, "t", kfed2.site_names)
-        return AggregateRequest(spec, enclave.quote(new_nonce()), enclave.public_key,
+        token = enclave.issue_nonce(admission, kfed2.site_names[0], new_nonce())
+        return AggregateRequest(admission.spec, token, enclave.public_key,
                                 admission.packing)
 
     def one(i: int) -> None:

@@ -16,15 +16,16 @@ import pytest
 import pets_widgets as pw
 
 PACKAGE = Path(pw.__file__).resolve().parent
-DOMAINS = ("core", "site", "enclave", "coordinator", "ui")
+DOMAINS = ("core", "site", "enclave", "platform", "coordinator", "ui")
 #: What each domain may import, besides itself.
 ALLOWED = {
     "core": set(),
     "site": {"core"},
     "enclave": {"core"},
-    "coordinator": {"core", "site", "enclave"},
-    "ui": {"core", "site", "enclave", "coordinator"},
-    "testing": {"core", "site", "enclave", "coordinator"},
+    "platform": {"core"},
+    "coordinator": {"core", "site", "enclave", "platform"},
+    "ui": {"core", "site", "enclave", "platform", "coordinator"},
+    "testing": {"core", "site", "enclave", "platform", "coordinator"},
 }
 #: Top-level modules that are the public face: they may reach into ``ui`` (re-exports, CLI).
 FACE = {"__init__", "__main__", "schema", "presets", "plots", "survival", "widgets", "audit"}

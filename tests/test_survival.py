@@ -15,10 +15,10 @@ from lifelines import KaplanMeierFitter
 from lifelines.statistics import multivariate_logrank_test
 
 import pets_widgets as pw
-from pets_widgets.enclave.enclave import measured_files
 from pets_widgets.enclave.pipeline import survival as sv
 from pets_widgets.enclave.pipeline.noise import noise_interval, noise_sd
 from pets_widgets.enclave.pipeline.tables import NoisyBlocks
+from pets_widgets.platform.measurement import measured_files
 from pets_widgets.site.site import Site
 
 from .conftest import make_fed

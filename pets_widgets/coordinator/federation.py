@@ -30,6 +30,7 @@ from pets_widgets.core.errors import (
     SiteAttestationError,
     SiteError,
     SiteIntegrityError,
+    SiteRefusal,
 )
 from pets_widgets.core.packing import capacity_for
 from pets_widgets.core.paillier import DEFAULT_KEY_BITS, PublicKey, add_encrypted, foreground
@@ -39,11 +40,13 @@ from pets_widgets.core.release import Release
 from pets_widgets.core.signing import VerifyKey
 from pets_widgets.core.wire import AggregateRequest, EncryptedAggregate
 from pets_widgets.enclave import ledger as audit
-from pets_widgets.enclave.enclave import Admission, Enclave, expected_measurement
+from pets_widgets.enclave.enclave import Admission, Enclave
+from pets_widgets.platform.measurement import expected_image_digest
+from pets_widgets.platform.verifier import PlatformVerifier
 from pets_widgets.site import synthetic
 from pets_widgets.site.site import Site
 from pets_widgets.site.sources import SyntheticSource
-from pets_widgets.site.trust import Enrollment
+from pets_widgets.site.trust import Floors, SiteTrust
 
 #: ``progress(stage, site, fraction_done)``; stage is attest, compute, encrypt (reported when
 #: the site's signed, encrypted aggregate has arrived), aggregate or release.
@@ -90,7 +93,9 @@ class LocalSite:
         self._site.close()
 
     def status(self) -> dict[str, Any]:
-        return {"alive": True, "rows": self._site.rows_rounded, "state": "up", "detail": ""}
+        budget = self._site.budget
+        return {"alive": True, "rows": self._site.rows_rounded, "state": "up", "detail": "",
+                "epsilon_used": float(budget.used()), "epsilon_left": float(budget.left())}
 
     @property
     def population(self) -> pd.DataFrame | None:
@@ -108,7 +113,9 @@ def as_site_error(site: str, exc: BaseException) -> SiteError:
     if isinstance(exc, SiteError):
         return exc
     if isinstance(exc, AttestationError):
-        return SiteAttestationError(site, str(exc))
+        return SiteAttestationError(site, str(exc), rule=exc.rule)
+    if isinstance(exc, SiteRefusal):
+        return SiteError(site, f"refused: {exc}", rule=exc.rule)
     if isinstance(exc, IntegrityError):
         return SiteIntegrityError(site, str(exc))
     if isinstance(exc, PetsError):
@@ -206,7 +213,8 @@ class Federation:
             else:
                 aggregates = [one(pair) for pair in enumerate(self._sites)]
         except SiteError as exc:
-            self.enclave.abort(admission, audit.FAILED, "site", str(exc))
+            self.enclave.abort(admission, audit.FAILED,
+                               f"site.{exc.rule}" if exc.rule else "site", str(exc))
             raise
         report("aggregate", None, 0.85)
         try:
@@ -255,7 +263,8 @@ class Federation:
     def from_config(cls, path: str | os.PathLike[str], *,
                     ledger: audit.Ledger | str | os.PathLike[str] | None = None,
                     policy: Policy | None = None, key_bits: int | None = None,
-                    site_capacity: int | None = None) -> Federation:
+                    site_capacity: int | None = None, debug: bool = False,
+                    floors: Floors | None = None) -> Federation:
         """A federation of the sites listed in a TOML configuration file (see
         :mod:`pets_widgets.coordinator.config`), started in parallel: local, kernel or gateway
         sites.
@@ -266,7 +275,8 @@ class Federation:
         and :class:`SiteError` naming a site that cannot be started or reached.
         """
         return build_federation(load_config(path), ledger=ledger, policy=policy,
-                                key_bits=key_bits, site_capacity=site_capacity)
+                                key_bits=key_bits, site_capacity=site_capacity, debug=debug,
+                                floors=floors)
 
     def __enter__(self) -> Federation:
         return self
@@ -292,8 +302,16 @@ def temporary_ledger() -> Path:
 
 def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | os.PathLike[str]
                      | None = None, policy: Policy | None = None, key_bits: int | None = None,
-                     site_capacity: int | None = None) -> Federation:
+                     site_capacity: int | None = None, debug: bool = False,
+                     floors: Floors | None = None) -> Federation:
     """Start every site of ``config`` (in parallel) and return the federation.
+
+    A simulated platform verifier measures and launches the enclave (a debug build when
+    ``debug``: the test doors need one) and issues its tokens. Each site trusts that
+    verifier's keys and approves the image digest of this code with ``policy`` and the shipped
+    dictionary, computed independently of the launch, and keeps ``floors`` (the defaults of
+    :class:`~pets_widgets.site.trust.Floors` when None); a site accepts a debug enclave only
+    when ``debug`` is asked for here.
 
     Local sites load their rows in this process; kernel and gateway sites load them inside
     their own kernels. If any site fails to start, the ones already started are stopped
@@ -306,15 +324,19 @@ def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | o
     from pets_widgets.coordinator.remote import close_sites, start_sites
 
     policy = policy or Policy()
-    bits = key_bits or config.key_bits or DEFAULT_KEY_BITS
-    capacity = site_capacity or config.site_capacity
+    bits = key_bits if key_bits is not None else (config.key_bits or DEFAULT_KEY_BITS)
+    capacity = site_capacity if site_capacity is not None else config.site_capacity
     schema = S.Schema(config.site_names)
     if ledger is None:
         ledger = config.ledger
     if not isinstance(ledger, audit.Ledger):
         ledger = audit.Ledger(Path(ledger) if ledger is not None else temporary_ledger())
-    enclave = Enclave(schema, ledger, policy, bits, capacity)
-    enrollment = Enrollment(enclave.platform_key, expected_measurement(policy))
+    verifier = PlatformVerifier()
+    launched = verifier.launch(policy, schema.digest, debug=debug)
+    enclave = Enclave(schema, ledger, policy, bits, capacity, issuer=launched)
+    trust = SiteTrust(verifier.jwks(), (expected_image_digest(policy, schema.digest),),
+                      verifier.issuer, allow_debug=debug)
+    floors = floors or Floors()
     backends: list[Any] = []
     remote: list[Any] = []
     for sc in config.sites:
@@ -322,21 +344,21 @@ def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | o
                       else sc.source.population(sc.name))
         if sc.backend == "local":
             rows = sc.source.load(schema, sc.name, capacity)
-            site = Site(sc.name, rows, schema, population, capacity)
-            site.enroll(enrollment)
+            site = Site(sc.name, rows, schema, population, capacity, floors=floors)
+            site.enroll(trust)
             backends.append(LocalSite(site, source=sc.source))
             continue
         backend: KernelSite | GatewaySite
         if sc.backend == "kernel":
             backend = KernelSite(
                 sc.name, sc.source, kernel_name=sc.kernel_name, sites=config.site_names,
-                enrollment=enrollment, capacity=capacity, timeout=sc.timeout,
+                trust=trust, floors=floors, capacity=capacity, timeout=sc.timeout,
                 start_timeout=sc.start_timeout, key_file=sc.key_file, population=population)
         else:
             assert sc.url is not None and sc.token_env is not None
             backend = GatewaySite(
                 sc.name, sc.source, url=sc.url, token_env=sc.token_env,
-                kernel_name=sc.kernel_name, sites=config.site_names, enrollment=enrollment,
+                kernel_name=sc.kernel_name, sites=config.site_names, trust=trust, floors=floors,
                 capacity=capacity, timeout=sc.timeout, start_timeout=sc.start_timeout,
                 key_file=sc.key_file, population=population)
         backends.append(backend)
@@ -352,7 +374,9 @@ def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | o
 def demo_federation(seed: int = 7, n_sites: int = 2, rows_per_site: int | None = None, *,
                     key_bits: int = DEFAULT_KEY_BITS, policy: Policy | None = None,
                     ledger: str | os.PathLike[str] | None = None, backend: str = "local",
-                    site_capacity: int | None = None) -> Federation:
+                    site_capacity: int | None = None, debug: bool = False,
+                    allow_site_breakdown: bool = False,
+                    floors: Floors | None = None) -> Federation:
     """A federation of synthetic registries: NDRS and NCI by default, seeded and realistic.
 
     ``backend="local"`` keeps the sites in this process; ``backend="kernel"`` starts each
@@ -360,8 +384,12 @@ def demo_federation(seed: int = 7, n_sites: int = 2, rows_per_site: int | None =
     give the same rows for the same seed. Close a kernel federation with ``fed.close()``
     or a ``with`` block (it is also closed at interpreter exit).
     ``ledger`` is the SQLite file of the audit log and budget (a temporary file when None).
-    Each site is enrolled with the measurement of an enclave running this code and
-    ``policy``: a quietly changed policy is refused at attestation. ``site_capacity`` is the
+    Each site approves the image digest of an enclave running this code with ``policy``: a
+    quietly changed policy or code is refused at attestation. ``debug=True`` launches a debug
+    enclave that the sites accept (what :mod:`pets_widgets.testing` needs for exact totals);
+    ``allow_site_breakdown=True`` lets the sites' numbers be shown by site (refused by
+    default, by every site); ``floors`` sets every site's floors and limits at once (it wins
+    over ``allow_site_breakdown``). ``site_capacity`` is the
     public bound on any site's number of patients that sizes the packing slots; by default
     the largest demo site's size rounded up to two significant figures and at least to the
     next hundred (:func:`~pets_widgets.core.packing.capacity_for`).
@@ -378,4 +406,5 @@ def demo_federation(seed: int = 7, n_sites: int = 2, rows_per_site: int | None =
                for p in profiles]
     config = sites_of([p.name for p in profiles], sources, backend)
     return build_federation(config, ledger=ledger, policy=policy, key_bits=key_bits,
-                            site_capacity=site_capacity)
+                            site_capacity=site_capacity, debug=debug,
+                            floors=floors or Floors(allow_site_breakdown=allow_site_breakdown))

@@ -42,7 +42,7 @@ from pets_widgets.coordinator.remote import (
 from pets_widgets.core.errors import SiteError
 from pets_widgets.core.packing import DEFAULT_SITE_CAPACITY
 from pets_widgets.site.sources import Source
-from pets_widgets.site.trust import Enrollment
+from pets_widgets.site.trust import Floors, SiteTrust
 
 #: Seconds a websocket receive waits before the loop checks its deadline.
 POLL = 0.25
@@ -61,12 +61,12 @@ class GatewaySite(RemoteSite):
     backend = "gateway"
 
     def __init__(self, name: str, source: Source, *, url: str, token_env: str,
-                 sites: Sequence[str], enrollment: Enrollment,
+                 sites: Sequence[str], trust: SiteTrust, floors: Floors,
                  capacity: int = DEFAULT_SITE_CAPACITY, timeout: float = DEFAULT_TIMEOUT,
                  start_timeout: float = DEFAULT_START_TIMEOUT, key_file: str | None = None,
                  kernel_name: str = "python3", quickack: bool = True,
                  population: pd.DataFrame | None = None):
-        super().__init__(name, source, sites=sites, enrollment=enrollment, capacity=capacity,
+        super().__init__(name, source, sites=sites, trust=trust, floors=floors, capacity=capacity,
                          timeout=timeout, start_timeout=start_timeout, key_file=key_file,
                          population=population)
         self.url = url if url.endswith("/") else url + "/"

@@ -41,7 +41,7 @@ from pets_widgets.coordinator.remote import (
 )
 from pets_widgets.core.packing import DEFAULT_SITE_CAPACITY
 from pets_widgets.site.sources import Source
-from pets_widgets.site.trust import Enrollment
+from pets_widgets.site.trust import Floors, SiteTrust
 
 T = TypeVar("T")
 #: Seconds without a message after which the wait loop checks the kernel process is alive.
@@ -95,7 +95,7 @@ class KernelSite(RemoteSite):
     backend = "kernel"
 
     def __init__(self, name: str, source: Source, *, sites: Sequence[str],
-                 enrollment: Enrollment, capacity: int = DEFAULT_SITE_CAPACITY,
+                 trust: SiteTrust, floors: Floors, capacity: int = DEFAULT_SITE_CAPACITY,
                  timeout: float = DEFAULT_TIMEOUT, start_timeout: float = DEFAULT_START_TIMEOUT,
                  key_file: str | None = None, kernel_name: str = "python3",
                  transport_encryption: str = "required", population: pd.DataFrame | None = None):
@@ -105,7 +105,7 @@ class KernelSite(RemoteSite):
         self._launches = 0
         if key_file is None:
             key_file = str(Path(self._dir) / "signing-key.pem")
-        super().__init__(name, source, sites=sites, enrollment=enrollment, capacity=capacity,
+        super().__init__(name, source, sites=sites, trust=trust, floors=floors, capacity=capacity,
                          timeout=timeout, start_timeout=start_timeout, key_file=key_file,
                          population=population)
         self.kernel_name = kernel_name

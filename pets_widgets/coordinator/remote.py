@@ -34,7 +34,7 @@ from pets_widgets.core.signing import VerifyKey
 from pets_widgets.core.wire import AggregateRequest, EncryptedAggregate
 from pets_widgets.site.kernel_entry import call_code
 from pets_widgets.site.sources import Source
-from pets_widgets.site.trust import Enrollment
+from pets_widgets.site.trust import Floors, SiteTrust
 
 #: Seconds a site may take to answer one query call, and to start (load rows) by default.
 DEFAULT_TIMEOUT = 60.0
@@ -95,7 +95,7 @@ class RemoteSite:
     parallel = True
 
     def __init__(self, name: str, source: Source, *, sites: Sequence[str],
-                 enrollment: Enrollment, capacity: int = DEFAULT_SITE_CAPACITY,
+                 trust: SiteTrust, floors: Floors, capacity: int = DEFAULT_SITE_CAPACITY,
                  timeout: float = DEFAULT_TIMEOUT,
                  start_timeout: float = DEFAULT_START_TIMEOUT, key_file: str | None = None,
                  population: pd.DataFrame | None = None):
@@ -106,8 +106,7 @@ class RemoteSite:
         self.key_file = key_file
         self._start_args = {
             "site": name, "sites": list(sites), "source": source.to_dict(),
-            "platform_key": enrollment.platform_key.to_bytes().hex(),
-            "measurement": enrollment.approved_measurement, "capacity": int(capacity),
+            "trust": trust.to_dict(), "floors": floors.to_dict(), "capacity": int(capacity),
             "key_file": key_file,
         }
         self._verify_key: VerifyKey | None = None
@@ -254,13 +253,16 @@ class RemoteSite:
                 raise SiteIntegrityError(self.name, f"its reply to {op} has no result")
             return result
         error, message = str(payload.get("error")), str(payload.get("message", ""))[:2000]
+        rule = str(payload.get("rule", ""))[:100]
         if error == "DataValidationError":
             problems = [DataProblem(str(p["column"]), str(p["problem"]),
                                     tuple(int(r) for r in p.get("rows", ())))
                         for p in payload.get("problems", ())]
             raise DataValidationError(message, problems, self.name)
         if error in ("AttestationError", "SiteAttestationError"):
-            raise SiteAttestationError(self.name, message)
+            raise SiteAttestationError(self.name, message, rule=rule)
+        if error == "SiteRefusal":
+            raise SiteError(self.name, f"refused: {message}", rule=rule)
         if error in ("IntegrityError", "SiteIntegrityError", "PackingError"):
             raise SiteIntegrityError(self.name, message)
         if error == "QueryValidationError":

@@ -49,7 +49,21 @@ class BudgetExceeded(QueryRefused):
 
 
 class AttestationError(PetsError):
-    """A site refused the enclave: its quote failed verification or is not the approved one."""
+    """A site refused the enclave: its attestation token failed a check. ``rule`` names the
+    check (``trust.signature``, ``trust.image``, ``floor.k``...), never a value."""
+
+    def __init__(self, message: str = "", rule: str = "trust"):
+        self.rule = rule
+        super().__init__(message)
+
+
+class SiteRefusal(PetsError):
+    """A site refused a request by one of its own rules (``rule``: ``floor.site_breakdown``,
+    ``lifetime_epsilon``, ``encoding``...). The message names the rule, never a value."""
+
+    def __init__(self, rule: str, message: str):
+        self.rule = rule
+        super().__init__(f"{message} (rule {rule})")
 
 
 class IntegrityError(PetsError):
@@ -63,10 +77,12 @@ class PackingError(PetsError, ValueError):
 class SiteError(PetsError):
     """A site failed during a query; ``site`` names it and ``cause`` says how."""
 
-    def __init__(self, site: str, cause: str):
+    def __init__(self, site: str, cause: str, rule: str = ""):
+        super().__init__(f"site {site!r} failed: {cause}")
+        # After the base classes' __init__ (AttestationError sets a default rule of its own).
         self.site = site
         self.cause = cause
-        super().__init__(f"site {site!r} failed: {cause}")
+        self.rule = rule
 
 
 class SiteAttestationError(SiteError, AttestationError):

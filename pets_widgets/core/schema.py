@@ -7,7 +7,10 @@ depended on the data would itself disclose the data.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -243,6 +246,12 @@ class Schema:
     def __getitem__(self, name: str) -> Variable:
         return self.variables[name]
 
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the data dictionary (every variable but ``site``, and the linked rules):
+        what every party must enforce alike. The site names are not part of it."""
+        return dictionary_digest()
+
     def __contains__(self, name: object) -> bool:
         return name in self.variables
 
@@ -278,3 +287,21 @@ class Schema:
 def default_schema(sites: Sequence[str] = ("NDRS", "NCI")) -> Schema:
     """The schema of the default two-registry demo (or of the sites given)."""
     return Schema(tuple(sites))
+
+
+@functools.cache
+def dictionary_digest() -> str:
+    """SHA-256 (``sha256:`` hex) over the harmonised variables and the linked rules, in a
+    canonical JSON form: bins, clip bounds and rules decide what is released, so they are
+    part of what an enclave attests and a site checks."""
+    variables = [{"name": v.name, "label": v.label, "kind": str(v.kind),
+                  "categories": list(v.categories),
+                  "category_labels": dict(sorted(v.category_labels.items())),
+                  "bounds": list(v.bounds) if v.bounds else None,
+                  "clip": list(v.clip) if v.clip else None, "bins": list(v.bins),
+                  "unit": v.unit} for v in VARIABLES]
+    linked = [[list(names), sorted([str(x) for x in combo] for combo in combos)]
+              for names, combos in LINKED]
+    text = json.dumps({"version": SCHEMA_VERSION, "variables": variables, "linked": linked},
+                      sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()

@@ -1,5 +1,5 @@
-"""The wire format shared by all domains: attestation quotes, aggregate requests and signed
-encrypted aggregates, with their JSON forms.
+"""The wire format shared by all domains: aggregate requests (with the enclave's attestation
+token) and signed encrypted aggregates, with their JSON forms.
 
 Nothing here carries plaintext: specs, public keys, packing parameters, nonces,
 ciphertexts and signatures only, so every object can travel through untrusted code.
@@ -20,27 +20,6 @@ from pets_widgets.core.packing import Packing
 from pets_widgets.core.paillier import PublicKey
 from pets_widgets.core.query import QuerySpec, spec_from_dict
 from pets_widgets.core.signing import SigningKey, _canonical
-
-
-# --------------------------------------------------------------------------- attestation
-@dataclass(frozen=True)
-class Quote:
-    """A simulated attestation quote: the enclave's measured identity, bound to a fresh nonce.
-
-    ``measurement`` hashes the enclave's code and policy; ``key_fingerprint`` names the
-    Paillier key whose private half lives inside it; the platform key signs all of it.
-    """
-
-    measurement: str
-    nonce: str
-    key_fingerprint: str
-    policy_hash: str
-    signature: bytes = b""
-
-    def body(self) -> bytes:
-        return _canonical({"measurement": self.measurement, "nonce": self.nonce,
-                           "key_fingerprint": self.key_fingerprint,
-                           "policy_hash": self.policy_hash})
 
 
 def new_nonce() -> str:
@@ -105,17 +84,16 @@ class AggregateRequest:
     """Everything a site needs for one query; plain data, so it can cross into a kernel as JSON."""
 
     spec: QuerySpec
-    quote: Quote
+    #: The platform verifier's attestation token for this site and this admission (a JWT).
+    token: str
     public_key: PublicKey
+    #: The encoding the enclave expects; the site computes its own and refuses any other.
     packing: Packing
 
     def to_json(self) -> str:
-        q = self.quote
         return json.dumps({
             "spec": self.spec.to_dict(),
-            "quote": {"measurement": q.measurement, "nonce": q.nonce,
-                      "key_fingerprint": q.key_fingerprint, "policy_hash": q.policy_hash,
-                      "signature": q.signature.hex()},
+            "token": self.token,
             "public_key_n": format(self.public_key.n, "x"),
             "packing": self.packing.to_dict(),
         }, sort_keys=True)
@@ -125,12 +103,10 @@ class AggregateRequest:
         """Parse and re-validate a request; the spec is checked again against the schema."""
         try:
             d = json.loads(text)
-            q = d["quote"]
-            quote = Quote(q["measurement"], q["nonce"], q["key_fingerprint"],
-                                 q["policy_hash"], bytes.fromhex(q["signature"]))
+            token = str(d["token"])
             public_key = PublicKey(int(d["public_key_n"], 16))
             packing = Packing(**d["packing"])
             raw_spec = d["spec"]
         except (KeyError, TypeError, ValueError) as exc:
             raise QueryValidationError("request", f"malformed ({type(exc).__name__})") from None
-        return cls(spec_from_dict(raw_spec), quote, public_key, packing)
+        return cls(spec_from_dict(raw_spec), token, public_key, packing)

@@ -1,67 +1,47 @@
-"""What the enclave attests to, and the quotes that prove it to a site.
+"""The enclave's side of attestation: asking the platform verifier that launched it for one
+token per site of an open admission, and for nothing else.
 
-The measurement stands in for an MRENCLAVE: a hash of every file the enclave runs (its own
-folder and ``core/``, the only code it imports) and of the policy it enforces, so a site that
-approved one measurement refuses an enclave whose code or rules were changed.
+The enclave holds no attestation key: the verifier measured it before launch and signs the
+tokens (:mod:`pets_widgets.platform.verifier`). A token is bound to the site's nonce, to the
+enclave's Paillier key and to the admitted query, so it answers one request only.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-from dataclasses import replace
-from pathlib import Path
-
+from pets_widgets.core.errors import AttestationError
+from pets_widgets.core.evidence import AdmissionClaims, TokenIssuer
 from pets_widgets.core.policy import Policy
-from pets_widgets.core.signing import SigningKey, VerifyKey
-from pets_widgets.core.wire import Quote
-
-#: Folders of the package whose source files make up the enclave's measured code: the
-#: enclave's own folder and everything it imports (``core``, which imports nothing else).
-MEASURED_FOLDERS = ("enclave", "core")
+from pets_widgets.enclave.admission import Admission
 
 
-def measured_files() -> list[Path]:
-    """Every source file of the measured folders, in a fixed order."""
-    package = Path(__file__).resolve().parent.parent
-    return sorted(path for folder in MEASURED_FOLDERS
-                  for path in (package / folder).rglob("*.py"))
+def admission_claims(admission: Admission) -> AdmissionClaims:
+    """What a token says about ``admission``."""
+    eps = admission.epsilon
+    return AdmissionClaims(admission.id, admission.spec.hash,
+                           f"{eps.numerator}/{eps.denominator}", admission.k, admission.sites,
+                           admission.layout.size)
 
 
-@functools.cache
-def code_measurement() -> str:
-    """SHA-256 over the enclave's folder and ``core/`` (a stand-in for an MRENCLAVE): each
-    file's path inside the package and its bytes, so adding, removing or changing any file
-    the enclave runs changes the measurement."""
-    package = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for path in measured_files():
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
-    return digest.hexdigest()
+class AttestationClient:
+    """Asks the launching verifier for tokens; the enclave calls it for open admissions only
+    (:meth:`pets_widgets.enclave.enclave.Enclave.issue_nonce`)."""
 
-
-def expected_measurement(policy: Policy) -> str:
-    """The measurement an enclave running this code with this policy reports: what a site's
-    governance approves."""
-    return hashlib.sha256(f"{code_measurement()}:{policy.hash}".encode()).hexdigest()
-
-
-class Attestor:
-    """Signs quotes of the enclave's measurement and Paillier key (the CPU's attestation key
-    stand-in). It never sees a query or a total."""
-
-    def __init__(self, key_fingerprint: str):
-        self._platform_key = SigningKey()
-        self.key_fingerprint = key_fingerprint
+    def __init__(self, issuer: TokenIssuer | None):
+        self._issuer = issuer
 
     @property
-    def platform_key(self) -> VerifyKey:
-        """The public half sites pin to check quotes."""
-        return self._platform_key.public
+    def image_digest(self) -> str:
+        """The digest the verifier measured at launch ("" when not launched by one)."""
+        return self._issuer.image_digest if self._issuer is not None else ""
 
-    def quote(self, nonce: str, policy: Policy) -> Quote:
-        """A signed quote answering ``nonce``; the measurement is computed afresh from
-        ``policy``, so a policy changed after start-up is seen by every site."""
-        quote = Quote(expected_measurement(policy), nonce, self.key_fingerprint, policy.hash)
-        return replace(quote, signature=self._platform_key.sign(quote.body()))
+    @property
+    def debug(self) -> bool:
+        return bool(self._issuer is not None and self._issuer.debug)
+
+    def token(self, admission: Admission, site: str, nonce: str, public_key_n: int,
+              policy: Policy) -> str:
+        if self._issuer is None:
+            raise AttestationError("this enclave was not launched by a platform verifier, so "
+                                   "it has no attestation evidence", rule="trust.unlaunched")
+        return self._issuer.token(audience=site, nonce=nonce, public_key_n=public_key_n,
+                                  admission=admission_claims(admission), policy=policy)

@@ -1,6 +1,8 @@
-"""The enclave stand-in: attests itself, decrypts only totals, enforces the policy, adds noise.
+"""The enclave stand-in: decrypts only totals, enforces the policy, adds noise; its tokens come
+from the platform verifier that launched it.
 
-A front over parts with one job each: :class:`~.attestation.Attestor` (quotes),
+A front over parts with one job each: :class:`~.attestation.AttestationClient` (tokens from
+the platform verifier that launched it),
 :class:`~.admission.Gatekeeper` (validation, policy, budget, refusals),
 :class:`~.admission.OpenAdmissions` (open queries and their nonces),
 :class:`~.decryption.Decryptor` (the only Paillier private key; signature checks and totals)
@@ -20,13 +22,14 @@ import pandas as pd
 
 from pets_widgets.core import schema as S
 from pets_widgets.core.budget import Budget
+from pets_widgets.core.evidence import TokenIssuer
 from pets_widgets.core.packing import DEFAULT_SITE_CAPACITY, Packing
 from pets_widgets.core.paillier import DEFAULT_KEY_BITS
 from pets_widgets.core.policy import Policy
 from pets_widgets.core.query import QuerySpec
 from pets_widgets.core.release import Release
 from pets_widgets.core.signing import VerifyKey
-from pets_widgets.core.wire import EncryptedAggregate, Quote
+from pets_widgets.core.wire import EncryptedAggregate
 from pets_widgets.enclave import ledger as audit
 from pets_widgets.enclave.admission import (
     Admission,
@@ -36,20 +39,13 @@ from pets_widgets.enclave.admission import (
     check_k,
     release_key,
 )
-from pets_widgets.enclave.attestation import (
-    MEASURED_FOLDERS,
-    Attestor,
-    code_measurement,
-    expected_measurement,
-    measured_files,
-)
+from pets_widgets.enclave.attestation import AttestationClient
 from pets_widgets.enclave.decryption import Decryptor
 from pets_widgets.enclave.ledger import QueryRecord
 from pets_widgets.enclave.pipeline import incidence
 from pets_widgets.enclave.releaser import Releaser
 
-__all__ = ["MEASURED_FOLDERS", "Admission", "Enclave", "check_epsilon", "check_k",
-           "code_measurement", "expected_measurement", "measured_files"]
+__all__ = ["Admission", "Enclave", "check_epsilon", "check_k"]
 
 
 class Enclave:
@@ -57,7 +53,8 @@ class Enclave:
 
     def __init__(self, schema: S.Schema, ledger: audit.Ledger,
                  policy: Policy | None = None, key_bits: int = DEFAULT_KEY_BITS,
-                 site_capacity: int = DEFAULT_SITE_CAPACITY):
+                 site_capacity: int = DEFAULT_SITE_CAPACITY, *,
+                 issuer: TokenIssuer | None = None):
         self.schema = schema
         self.key_bits = key_bits
         self.site_capacity = site_capacity
@@ -65,26 +62,31 @@ class Enclave:
         self._decryptor = Decryptor(key_bits)
         self.public_key = self._decryptor.public_key
         self.key_fingerprint = self._decryptor.key_fingerprint
-        self._attestor = Attestor(self.key_fingerprint)
-        self.platform_key = self._attestor.platform_key
+        #: The launching verifier's token service (the enclave never holds its key).
+        self._attestation = AttestationClient(issuer)
         #: Public inputs of builders (population denominators), by name; never patient data.
         self._public: dict[str, pd.DataFrame] = {}
         self._gate = Gatekeeper(schema, ledger, policy or Policy(), self._public)
         self._open = OpenAdmissions()
         self._releaser = Releaser(schema, self._gate, self._decryptor)
         ledger.set_meta("policy", json.dumps(self.policy.to_dict(), sort_keys=True))
-        ledger.set_meta("measurement", self.measurement)
+        ledger.set_meta("image_digest", self.image_digest)
 
     @property
     def policy(self) -> Policy:
-        """The policy this enclave enforces (read-only: it is part of the measurement)."""
+        """The policy this enclave enforces (read-only: it is part of the image digest)."""
         return self._gate.policy
 
     @property
-    def measurement(self) -> str:
-        """What this enclave attests to: a hash of its code and of the policy it enforces,
-        computed afresh, so a policy changed after start-up is seen by every site."""
-        return expected_measurement(self.policy)
+    def image_digest(self) -> str:
+        """The image digest the platform verifier measured when it launched this enclave
+        (code, policy and dictionary), as its tokens report it; "" when not launched."""
+        return self._attestation.image_digest
+
+    @property
+    def debug(self) -> bool:
+        """Whether this is a debug build (its tokens say so; the test doors need one)."""
+        return self._attestation.debug
 
     def register_population(self, population: pd.DataFrame) -> None:
         """Hold the sites' public person-years denominators (for incidence rates).
@@ -101,16 +103,12 @@ class Enclave:
         frame = self._public.get("population")
         return None if frame is None else frame.copy()
 
-    # -- attestation ------------------------------------------------------------------------
+    # -- sites ------------------------------------------------------------------------------
     def register_site(self, name: str, verify_key: VerifyKey) -> None:
         """Record a site's signing key (done once, when the site joins the federation)."""
         if name not in self.schema.sites:
             raise ValueError(f"{name!r} is not a site of this federation")
         self._decryptor.register_site(name, verify_key)
-
-    def quote(self, nonce: str) -> Quote:
-        """A signed quote of this enclave's measurement and key, answering ``nonce``."""
-        return self._attestor.quote(nonce, self.policy)
 
     # -- phase 1: admission -----------------------------------------------------------------
     def admit(self, spec: QuerySpec, epsilon: object, k: object, analyst: str,
@@ -147,10 +145,11 @@ class Enclave:
         """What ``analyst`` and the federation have spent and have left."""
         return self._gate.budget(analyst)
 
-    def issue_nonce(self, admission: Admission, site: str, nonce: str) -> Quote:
-        """Quote for one site's challenge, remembered so the site's reply must answer it."""
+    def issue_nonce(self, admission: Admission, site: str, nonce: str) -> str:
+        """The attestation token for one site's challenge on an open admission, remembered
+        so the site's reply must answer it. No token exists for anything else."""
         self._open.answer(admission, site, nonce)
-        return self.quote(nonce)
+        return self._attestation.token(admission, site, nonce, self.public_key.n, self.policy)
 
     def abort(self, admission: Admission, outcome: str, rule: str, reason: str) -> None:
         """Record a query that failed before any budget was reserved (nothing spent)."""

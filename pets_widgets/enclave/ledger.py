@@ -195,7 +195,7 @@ class Ledger:
                 raise
 
     def set_meta(self, key: str, value: str) -> None:
-        """Store a published fact about the ledger's enclave (its policy, measurement)."""
+        """Store a published fact about the ledger's enclave (its policy, image digest)."""
         with self.transaction() as con:
             con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 

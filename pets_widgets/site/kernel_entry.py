@@ -40,9 +40,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pets_widgets.core import schema as S
 from pets_widgets.core.errors import DataValidationError, PetsError, QueryValidationError
-from pets_widgets.core.signing import SigningKey, VerifyKey
+from pets_widgets.core.signing import SigningKey
 from pets_widgets.site.site import Site
-from pets_widgets.site.trust import Enrollment
+from pets_widgets.site.trust import Floors, SiteTrust
 
 #: The only code a coordinator runs in a site kernel; ``{payload}`` is base64 text.
 CALL_TEMPLATE = "import pets_widgets.site.kernel_entry as _pw_site\n_pw_site.handle('{payload}')\n"
@@ -85,7 +85,8 @@ def dispatch(payload: str) -> dict[str, Any]:
         return {"ok": False, "error": "DataValidationError", "message": exc.source,
                 "problems": problems}
     except PetsError as exc:
-        return {"ok": False, "error": type(exc).__name__, "message": str(exc)}
+        return {"ok": False, "error": type(exc).__name__, "message": str(exc),
+                "rule": str(getattr(exc, "rule", ""))}
     except Exception as exc:  # never echo: a foreign message could quote a value
         return {"ok": False, "error": "InternalError",
                 "message": f"{type(exc).__name__} in the site kernel"}
@@ -142,16 +143,17 @@ def _start(args: dict[str, Any]) -> dict[str, Any]:
         name = str(args["site"])
         schema = S.Schema(tuple(str(s) for s in args["sites"]))
         source = source_from_dict(args["source"])
-        enrollment = Enrollment(VerifyKey.from_bytes(bytes.fromhex(args["platform_key"])),
-                                str(args["measurement"]))
+        trust = SiteTrust.from_dict(args["trust"])
+        floors = Floors.from_dict(args["floors"])
         capacity = int(args["capacity"])
         key_file = args.get("key_file")
     except (KeyError, TypeError, ValueError):
         raise QueryValidationError("call.args", "start needs site, sites, source, "
-                                   "platform_key, measurement and capacity") from None
+                                   "trust, floors and capacity") from None
     rows = source.load(schema, name, capacity)
-    site = Site(name, rows, schema, None, capacity, signing_key=_signing_key(key_file))
-    site.enroll(enrollment)
+    site = Site(name, rows, schema, None, capacity, signing_key=_signing_key(key_file),
+                floors=floors)
+    site.enroll(trust)
     _STATE["site"] = site
     return {"verify_key": site.verify_key.to_bytes().hex(), "rows": site.rows_rounded,
             "module": str(Path(__file__).resolve().parents[1]), "pid": os.getpid()}
@@ -169,7 +171,9 @@ def _respond(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _status(args: dict[str, Any]) -> dict[str, Any]:
-    return {"rows": _site().rows_rounded}
+    site = _site()
+    return {"rows": site.rows_rounded, "epsilon_used": float(site.budget.used()),
+            "epsilon_left": float(site.budget.left())}
 
 
 _HANDLERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from fractions import Fraction
 from typing import Any
 
+import jwt
 import numpy as np
 import pandas as pd
 
 from pets_widgets.core import schema as S
-from pets_widgets.core.errors import AttestationError, QueryValidationError
-from pets_widgets.core.packing import DEFAULT_SITE_CAPACITY
+from pets_widgets.core.errors import AttestationError, QueryValidationError, SiteRefusal
+from pets_widgets.core.packing import DEFAULT_SITE_CAPACITY, Packing
 from pets_widgets.core.paillier import (
     ObfuscatorPool,
     PublicKey,
@@ -24,10 +26,11 @@ from pets_widgets.core.paillier import (
     foreground,
     key_fingerprint,
 )
-from pets_widgets.core.query import Block, Dim, QuerySpec, spec_from_dict
+from pets_widgets.core.query import Block, Dim, Layout, QuerySpec, spec_from_dict
 from pets_widgets.core.signing import SigningKey
 from pets_widgets.core.wire import AggregateRequest, EncryptedAggregate, new_nonce
-from pets_widgets.site.trust import Enrollment, verify_quote
+from pets_widgets.site.budget import SiteBudget
+from pets_widgets.site.trust import Floors, SiteTrust, verify_token
 
 
 class Site:
@@ -42,7 +45,8 @@ class Site:
     def __init__(self, name: str, rows: pd.DataFrame, schema: S.Schema,
                  population: pd.DataFrame | None = None,
                  capacity: int = DEFAULT_SITE_CAPACITY,
-                 signing_key: SigningKey | None = None):
+                 signing_key: SigningKey | None = None, floors: Floors | None = None,
+                 budget: SiteBudget | None = None):
         if name not in schema.sites:
             raise ValueError(f"site {name!r} is not in the federation's schema {schema.sites}")
         missing = [c for c in schema.names if c not in rows.columns]
@@ -62,7 +66,10 @@ class Site:
         # read inside a site kernel, so a restarted kernel signs with the registered key).
         self._signing_key = signing_key or SigningKey()
         self.verify_key = self._signing_key.public
-        self._enrollment: Enrollment | None = None
+        self._trust: SiteTrust | None = None
+        #: This site's own floors and limits (from its configuration, never a request).
+        self.floors = floors or Floors()
+        self.budget = budget or SiteBudget(None, self.floors.lifetime_epsilon)
         self._challenges: set[str] = set()
         self._pools: dict[int, ObfuscatorPool] = {}
         self.precompute = True
@@ -81,12 +88,12 @@ class Site:
         """Public person-years denominators (not patient data), or None."""
         return None if self._population is None else self._population.copy()
 
-    def enroll(self, enrollment: Enrollment) -> None:
-        """Trust this attestation platform and approve this enclave measurement."""
-        self._enrollment = enrollment
+    def enroll(self, trust: SiteTrust) -> None:
+        """Trust this platform verifier (pinned JWKS and issuer) and these enclave images."""
+        self._trust = trust
 
     def challenge(self) -> str:
-        """A fresh nonce the enclave's quote must answer before this site encrypts anything."""
+        """A fresh nonce the enclave's token must answer before this site encrypts anything."""
         nonce = new_nonce()
         self._challenges.add(nonce)
         return nonce
@@ -102,28 +109,65 @@ class Site:
             return self._respond(request)
 
     def _respond(self, request: AggregateRequest) -> EncryptedAggregate:
-        if self._enrollment is None:
-            raise AttestationError(f"site {self.name!r} is not enrolled with any enclave")
-        nonce = request.quote.nonce
-        if nonce not in self._challenges:
-            raise AttestationError("the quote answers no challenge this site issued")
-        self._challenges.discard(nonce)  # one use only
-        verify_quote(request.quote, platform_key=self._enrollment.platform_key,
-                            approved_measurement=self._enrollment.approved_measurement,
-                            nonce=nonce, public_key=request.public_key)
+        """The site's checks, in order: the token (signature, audience, time, nonce, key
+        binding, debug, image, dictionary, floors), the spec against its own dictionary and
+        the token's admission, site breakdowns, the encoding it computes itself, its own
+        budget. Only then does it read its rows."""
+        if self._trust is None:
+            raise AttestationError(f"site {self.name!r} trusts no verifier yet", "trust.config")
+        nonce = self._current_nonce(request.token)
+        verified = verify_token(request.token, site=self.name, nonce=nonce,
+                                public_key_n=request.public_key.n, trust=self._trust,
+                                floors=self.floors, dictionary=self.schema.digest)
+        admission = verified.admission
         spec = spec_from_dict(request.spec.to_dict()).validate(self.schema)
         layout = spec.layout(self.schema)
+        if (spec.hash != admission.spec_hash or self.name not in admission.sites
+                or layout.size != admission.layout_size):
+            raise AttestationError("the enclave's attestation token fails check "
+                                   "trust.admission: it admits another query", "trust.admission")
+        if not self.floors.allow_site_breakdown and _breaks_down_by_site(spec):
+            raise SiteRefusal("floor.site_breakdown", "this site does not let its numbers be "
+                              "shown on their own (grouping or filtering by site)")
         packing = request.packing
-        if packing.n_cells != layout.size:
-            raise QueryValidationError("packing", "does not match the query's layout")
+        if packing != self._packing(layout, len(admission.sites), request.public_key):
+            # One message for every difference: a forged bound or width must not turn the
+            # packing check into a question about this site's values.
+            raise SiteRefusal("encoding", "the request's encoding does not match this site's")
+        self.budget.charge(admission.id, Fraction(admission.epsilon))
         values = self._aggregate(spec)
         plaintexts = packing.pack(values.tolist())
         ciphertexts = encrypt(request.public_key, plaintexts,
-                                     self._pool(request.public_key, len(plaintexts)))
+                              self._pool(request.public_key, len(plaintexts)))
         aggregate = EncryptedAggregate(
             self.name, spec.hash, nonce, key_fingerprint(request.public_key), packing,
             tuple(ciphertexts))
         return aggregate.signed(self._signing_key)
+
+    def _current_nonce(self, token: str) -> str:
+        """The challenge this token answers, taken for good (each nonce answers once)."""
+        try:
+            claims = jwt.decode(token, options={"verify_signature": False})
+        except jwt.InvalidTokenError:
+            raise AttestationError("the enclave's attestation token fails check trust.format:"
+                                   " it is not a token this site can read", "trust.format") \
+                from None
+        try:
+            claimed = claims["eat_nonce"][0]
+        except (KeyError, IndexError, TypeError):
+            raise AttestationError("the enclave's attestation token fails check trust.claims:"
+                                   " a required claim is missing", "trust.claims") from None
+        if not isinstance(claimed, str) or claimed not in self._challenges:
+            raise AttestationError("the enclave's attestation token fails check trust.nonce: "
+                                   "it answers no challenge this site issued", "trust.nonce")
+        self._challenges.discard(claimed)  # one use only, whatever the rest of the checks say
+        return claimed
+
+    def _packing(self, layout: Layout, n_sites: int, public_key: PublicKey) -> Packing:
+        """The encoding this site computes itself: its own capacity, the admission's number
+        of sites and the size of the key it encrypts to."""
+        return Packing.for_layout(layout.size, layout.max_contribution, n_sites,
+                                  public_key.n.bit_length(), self.capacity)
 
     def _pool(self, public_key: PublicKey, used: int) -> ObfuscatorPool | None:
         """This site's pool of precomputed obfuscators for an attested enclave key: started
@@ -228,3 +272,15 @@ def _count_or_sum(site: Site, block: Block, mask: np.ndarray) -> np.ndarray:
 #: How many cell indices (one integer per row each) a site keeps for repeated layouts.
 _KEPT_INDICES = 8
 
+
+
+def _breaks_down_by_site(spec: QuerySpec) -> bool:
+    """Whether a spec shows numbers by site: grouped, cross-tabulated, stratified or filtered
+    on ``site`` (a filter keeping every site is dropped by the canonical form first)."""
+    if "site" in spec.where:
+        return True
+    for name in ("by", "rows", "cols"):
+        value = getattr(spec, name, ())
+        if value == "site" or (isinstance(value, tuple) and "site" in value):
+            return True
+    return False

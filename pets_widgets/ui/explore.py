@@ -55,10 +55,10 @@ SOURCE = ("Simulated on public synthetic registries shaped like this federation'
           f"(same names and rounded sizes, published seed {PUBLIC_SEED}); no registry's data "
           "is used and no privacy budget is spent. Numbers are illustrations, not results.")
 
-#: Slider range of the explorer (a log scale).
 #: The card's mechanism line for a simulation (so it can never pass for a release).
 SIMULATED = "SIMULATED discrete Laplace on public synthetic data (not a release)"
 
+#: Slider range of the explorer (a log scale).
 EPSILON_RANGE = (0.05, 10.0)
 
 #: Kinds whose released values are noisy cells themselves: their 95% error is the noise
