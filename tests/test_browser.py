@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,11 @@ def server(tmp_path_factory):
     with voila.voila_server(DASHBOARD, log) as (url, proc):
         yield url, proc, started
         started |= voila.descendants(proc.pid)  # Voila's kernels and anything they started
-    left = voila.alive(started | {proc.pid})
+    # Site kernels live in sessions of their own: killed with their dashboard kernel, they
+    # notice their parent is gone (ipykernel's parent poller) within a second or two.
+    deadline = time.monotonic() + 20
+    while (left := voila.alive(started | {proc.pid})) and time.monotonic() < deadline:
+        time.sleep(0.25)
     assert not left, f"processes left running after Voila stopped: {sorted(left)}"
 
 
