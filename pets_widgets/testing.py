@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 
 from pets_widgets.coordinator.federation import Federation, LocalSite
-from pets_widgets.core.errors import QueryRefused
 from pets_widgets.core.query import QuerySpec
 from pets_widgets.core.release import Release
 from pets_widgets.core.wire import EncryptedAggregate
@@ -48,10 +47,9 @@ def release_exact(enclave: Enclave, admission: Admission,
     """Exact totals of verified aggregates: no noise, no suppression, no budget (an audit
     row records the test use). For oracle tests only."""
     admission, nonces = enclave._open.take(admission)
-    missing = enclave._gate.missing_inputs(admission.spec.kind)
-    if missing:
-        raise QueryRefused("public_inputs", f"a {admission.spec.kind} query needs public "
-                           f"{', '.join(missing)} tables, and none are registered")
+    refusal = enclave._gate.inputs_refusal(admission.spec.kind)
+    if refusal is not None:
+        raise refusal
     enclave._decryptor.verify(admission, nonces, aggregates, summed)
     totals = enclave._decryptor.totals(admission, summed)
     enclave.ledger.record(admission.record, audit.TEST, rule="test",

@@ -203,15 +203,18 @@ class Gatekeeper:
         if set(query.sites) != set(self.schema.sites):
             self.refuse(query, QueryRefused(
                 "sites", "every site of the federation must take part in every query"))
-        missing = self.missing_inputs(kind)
-        if missing:
-            self.refuse(query, QueryRefused(
-                "public_inputs", f"a {kind} query needs public {', '.join(missing)} "
-                "tables, and none are registered with the enclave"))
+        refusal = self.inputs_refusal(kind)
+        if refusal is not None:
+            self.refuse(query, refusal)
 
-    def missing_inputs(self, kind: str) -> list[str]:
-        """The public inputs a kind needs that nobody registered."""
-        return [n for n in PUBLIC_INPUTS.get(kind, ()) if n not in self._public]
+    def inputs_refusal(self, kind: str) -> QueryRefused | None:
+        """The refusal for a kind whose public inputs nobody registered, or None."""
+        missing = [n for n in PUBLIC_INPUTS.get(kind, ()) if n not in self._public]
+        if not missing:
+            return None
+        return QueryRefused("public_inputs", f"a {kind} query needs public "
+                            f"{', '.join(missing)} tables, and none are registered with the "
+                            "enclave")
 
     def public_inputs(self, kind: str) -> dict[str, pd.DataFrame]:
         """The registered public inputs a kind's builder takes."""

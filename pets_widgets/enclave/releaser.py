@@ -127,8 +127,9 @@ class Releaser:
 
     def _noisy(self, admission: Admission, totals: Mapping[str, np.ndarray],
                noise: Mapping[str, np.ndarray]) -> NoisyBlocks:
-        return add_noise(admission.layout, admission.epsilon, totals, noise,
-                         admission.spec.where, self.schema)
+        params = noise_params(admission.layout, admission.epsilon, {}, admission.spec.where,
+                              self.schema)
+        return add_noise(params, totals, noise)
 
     def _return(self, reservation: int, query: QueryRecord, exc: BaseException) -> None:
         """Hand a reservation back after a refusal or a fault that released nothing."""

@@ -321,7 +321,7 @@ def simulate(ref: PublicReference, spec: QuerySpec, epsilon: float, k: int,
 
     def draw() -> NoisyBlocks:
         noise = {b: sample_noise(exact[b].size, scales[b], rng) for b in exact}
-        return pipeline.add_noise(layout, eps, exact, noise, spec.where, schema, impossible)
+        return pipeline.add_noise(base, exact, noise)
 
     def build(noisy: NoisyBlocks, suppress: bool) -> Tables:
         return pipeline.build_tables(spec, schema, layout, noisy, k, policy, extra,

@@ -9,6 +9,7 @@ release about how a number is noised, hidden or described.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from fractions import Fraction
 
 import numpy as np
@@ -61,35 +62,30 @@ def draw_noise(mechanism: NoiseMechanism, layout: Layout,
 
 
 def noise_params(layout: Layout, epsilon: Fraction, values: Mapping[str, np.ndarray],
-                 where: Mapping[str, FilterValue], schema: S.Schema,
-                 structural: Mapping[str, np.ndarray] | None = None) -> NoisyBlocks:
-    """``values`` with their blocks' noise scales, 95% intervals and structural zeros
-    (``structural`` when already computed for this layout and filter)."""
+                 where: Mapping[str, FilterValue], schema: S.Schema) -> NoisyBlocks:
+    """``values`` with their blocks' noise scales, 95% intervals and structural zeros."""
     scales = block_scales(layout, epsilon)
-    if structural is None:
-        structural = structural_zeros(layout, where, schema)
     return NoisyBlocks(dict(values), {b: float(s) for b, s in scales.items()},
-                       {b: noise_interval(s) for b, s in scales.items()}, structural)
+                       {b: noise_interval(s) for b, s in scales.items()},
+                       structural_zeros(layout, where, schema))
 
 
-def add_noise(layout: Layout, epsilon: Fraction, totals: Mapping[str, np.ndarray],
-              noise: Mapping[str, np.ndarray], where: Mapping[str, FilterValue],
-              schema: S.Schema, structural: Mapping[str, np.ndarray] | None = None,
-              ) -> NoisyBlocks:
+def add_noise(params: NoisyBlocks, totals: Mapping[str, np.ndarray],
+              noise: Mapping[str, np.ndarray]) -> NoisyBlocks:
     """Totals plus one draw of noise, cell by cell, as :class:`NoisyBlocks`.
 
-    Cells the schema's rules make impossible (structural zeros, e.g. a stage for a
-    leukaemia, or DIPG outside the CNS group) are then set to exactly zero: that is
-    post-processing with public knowledge, and it keeps pure noise out of tables.
+    ``params`` is :func:`noise_params` of the query's layout, epsilon and filter (its values
+    are not used), computed once however many draws are made. Cells the schema's rules make
+    impossible (structural zeros, e.g. a stage for a leukaemia, or DIPG outside the CNS
+    group) are then set to exactly zero: that is post-processing with public knowledge, and
+    it keeps pure noise out of tables.
     """
-    if structural is None:
-        structural = structural_zeros(layout, where, schema)
     values = {}
-    for block in layout.blocks:
-        noisy = np.asarray(totals[block.name], dtype=np.int64) + noise[block.name]
-        noisy[structural[block.name]] = 0
-        values[block.name] = noisy
-    return noise_params(layout, epsilon, values, where, schema, structural)
+    for name, impossible in params.structural.items():
+        noisy = np.asarray(totals[name], dtype=np.int64) + noise[name]
+        noisy[impossible] = 0
+        values[name] = noisy
+    return replace(params, values=values)
 
 
 def exact_blocks(totals: Mapping[str, np.ndarray]) -> NoisyBlocks:
