@@ -50,6 +50,7 @@ from pets_widgets.core.release import Release
 from pets_widgets.core.schema import Schema, default_schema
 from pets_widgets.enclave.enclave import Enclave
 from pets_widgets.enclave.ledger import Ledger
+from pets_widgets.site.trust import Floors
 
 #: The package version (pyproject.toml reads it from here).
 __version__ = "0.1.0"
@@ -61,7 +62,7 @@ __all__ = [  # noqa: RUF022 (grouped by what a user does, not sorted)
     "QuerySpec", "Count", "Mean", "Crosstab", "Histogram", "Survival", "IncidenceRate",
     "spec_from_json", "Schema", "default_schema",
     # what comes back, and under which rules
-    "Release", "ParameterCard", "Policy", "Enclave", "Ledger",
+    "Release", "ParameterCard", "Policy", "Floors", "Enclave", "Ledger",
     # what can go wrong
     "PetsError", "QueryValidationError", "QueryRefused", "BudgetExceeded", "SiteError",
     "AttestationError", "IntegrityError", "DataValidationError", "ConfigError",

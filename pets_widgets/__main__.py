@@ -1,12 +1,17 @@
-"""Command line: ``python -m pets_widgets demo`` prints a released crosstab and its card;
-``python -m pets_widgets dashboard`` serves the dashboard with Voila on 127.0.0.1;
-``python -m pets_widgets attest digest`` prints the image digest of the installed enclave."""
+"""Command line (``python -m pets_widgets --help``).
+
+``demo`` prints a released crosstab and its card; ``dashboard`` serves the dashboard with
+Voila on 127.0.0.1. For a registry's operator: ``site init`` writes a starting site
+configuration and key, ``site check`` validates them and the data; ``attest digest`` prints
+the image digest of the installed enclave and ``attest verify`` checks a token as a site
+would."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def demo(seed: int) -> None:
@@ -21,6 +26,65 @@ def demo(seed: int) -> None:
     print(release.display_table().to_string())
     print(f"\n<{release.card.k} = hidden cell\n")
     print(release.card.describe())
+
+
+def site_command(args: argparse.Namespace) -> int:
+    from pets_widgets.core.errors import ConfigError
+    from pets_widgets.platform.measurement import expected_image_digest
+    from pets_widgets.site import operator
+
+    if args.site_command == "check":
+        report = operator.check_site(args.config)
+    else:
+        try:
+            source = source_table(args)
+            sites = ([s.strip() for s in args.sites.split(",") if s.strip()] if args.sites
+                     else [args.name])
+            report = operator.init_site(args.dir, args.name, source, sites=sites,
+                                        capacity=args.capacity,
+                                        verifier_jwks=args.verifier_jwks,
+                                        approved_images=args.approve
+                                        or [expected_image_digest()])
+        except ConfigError as exc:
+            report = operator.Report([f"error: {exc}"], operator.UNUSABLE)
+    print(report)
+    return report.status
+
+
+def source_table(args: argparse.Namespace) -> dict[str, object]:
+    """The ``[source]`` table of ``site init``'s data options (paths made absolute)."""
+    from pets_widgets.core.errors import ConfigError
+    from pets_widgets.site.operator import parse_synthetic
+
+    if args.synthetic is not None:
+        return parse_synthetic(args.synthetic)
+    if args.csv or args.parquet:
+        kind = "csv" if args.csv else "parquet"
+        return {"kind": kind, "path": str(Path(args.csv or args.parquet).resolve())}
+    if not args.table:
+        raise ConfigError("--sql needs --table, the table holding the registry's rows")
+    return {"kind": "sql", "url": args.sql, "table": args.table}
+
+
+def attest_command(args: argparse.Namespace) -> int:
+    if args.attest_command == "digest":
+        from pets_widgets.platform.measurement import expected_image_digest
+
+        print(expected_image_digest())
+        return 0
+    if args.attest_command == "jwks":
+        from pets_widgets.platform.verifier import JWKS_FILE, PlatformVerifier
+
+        verifier = PlatformVerifier.open(args.dir)
+        print(f"{Path(args.dir).resolve() / JWKS_FILE}  (key {verifier.kid}, issuer "
+              f"{verifier.issuer})")
+        return 0
+    from pets_widgets.site.operator import verify_token_file
+
+    report = verify_token_file(args.token_file, args.config, nonce=args.nonce,
+                               public_key_n=args.public_key_n)
+    print(report)
+    return report.status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,16 +103,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_dash.add_argument("--config", default=None,
                         help="a TOML site configuration (local, kernel or gateway sites; see "
                              "examples/sites.toml) instead of the synthetic demo")
-    p_attest = sub.add_parser("attest", help="attestation: the enclave image digest to approve")
+    p_site = sub.add_parser("site", help="a registry's site: write or check its configuration")
+    site = p_site.add_subparsers(dest="site_command", required=True)
+    p_init = site.add_parser("init", help="write a starting site.toml and signing key in DIR")
+    p_init.add_argument("dir")
+    p_init.add_argument("--name", required=True, help="the site's name, as the study lists it")
+    data = p_init.add_mutually_exclusive_group(required=True)
+    data.add_argument("--synthetic", metavar="seed=7,size=38000",
+                      help="a seeded synthetic registry (keys: seed, size, cases_per_year, "
+                           "loss_to_follow_up)")
+    data.add_argument("--csv", metavar="FILE", help="a CSV file of the registry's rows")
+    data.add_argument("--parquet", metavar="FILE", help="a Parquet file of the rows")
+    data.add_argument("--sql", metavar="URL", help="an SQLAlchemy URL (with --table)")
+    p_init.add_argument("--table", help="the table of --sql")
+    p_init.add_argument("--sites", help="the study's sites as its data dictionary lists "
+                        "them, comma-separated, --name among them (default: just --name)")
+    p_init.add_argument("--capacity", type=int, help="public bound on the site's size")
+    p_init.add_argument("--verifier-jwks", metavar="FILE",
+                        help="the platform verifier's published JWKS, copied beside site.toml")
+    p_init.add_argument("--approve", metavar="DIGEST", action="append",
+                        help="an enclave image digest to approve (default: the installed "
+                             "enclave with the default policy, as attest digest prints)")
+    p_check = site.add_parser("check", help="validate a site configuration and its data "
+                              "(rules and counts only, never rows or values)")
+    p_check.add_argument("--config", required=True, metavar="SITE.toml")
+    p_attest = sub.add_parser("attest", help="attestation: the enclave image digest to approve, "
+                              "and a token checked as a site would")
     attest = p_attest.add_subparsers(dest="attest_command", required=True)
     attest.add_parser("digest", help="print the image digest of the installed enclave code "
                       "with the default policy and dictionary (what a site approves)")
+    p_jwks = attest.add_parser("jwks", help="open (or create) the platform verifier's key in "
+                               "DIR and print the path of the JWKS site operators pin")
+    p_jwks.add_argument("dir", metavar="DIR")
+    p_verify = attest.add_parser("verify", help="check an attestation token exactly as a site "
+                                 "would; exit 0 only if every check passes")
+    p_verify.add_argument("token_file", metavar="TOKEN_FILE", help="the JWT, or JSON with "
+                          "token, nonce and public_key_n")
+    p_verify.add_argument("--config", required=True, metavar="SITE.toml")
+    p_verify.add_argument("--nonce", help="the challenge the site issued for this request")
+    p_verify.add_argument("--public-key-n", type=int, help="the Paillier modulus the site "
+                          "would encrypt to")
     args = parser.parse_args(argv)
+    if args.command == "site":
+        return site_command(args)
     if args.command == "attest":
-        from pets_widgets.platform.measurement import expected_image_digest
-
-        print(expected_image_digest())
-    elif args.command == "demo":
+        return attest_command(args)
+    if args.command == "demo":
         demo(args.seed)
     elif args.command == "dashboard":
         from pets_widgets.ui.serve import serve

@@ -43,7 +43,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +53,12 @@ from pets_widgets.coordinator.remote import DEFAULT_START_TIMEOUT, DEFAULT_TIMEO
 from pets_widgets.core.errors import ConfigError
 from pets_widgets.core.packing import DEFAULT_SITE_CAPACITY
 from pets_widgets.core.paillier import ALLOWED_KEY_BITS
-from pets_widgets.site.sources import CsvSource, Source, SqlSource, source_from_dict
+from pets_widgets.site.sources import Source, anchored, source_from_dict
 
 BACKENDS = ("local", "kernel", "gateway")
-SITE_KEYS = ("name", "backend", "source", "url", "token_env", "kernel_name", "timeout",
-             "start_timeout", "key_file", "population")
-FEDERATION_KEYS = ("key_bits", "timeout", "site_capacity", "ledger")
+SITE_KEYS = ("name", "backend", "source", "config", "url", "token_env", "kernel_name",
+             "timeout", "start_timeout", "key_file", "population")
+FEDERATION_KEYS = ("key_bits", "timeout", "site_capacity", "ledger", "verifier")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -68,7 +68,9 @@ class SiteConfig:
 
     name: str
     backend: str
-    source: Source
+    #: The site's data source, for a site configuration generated from this file; None when
+    #: the registry holds its own (``config``).
+    source: Source | None
     url: str | None = None
     token_env: str | None = None
     kernel_name: str = "python3"
@@ -77,6 +79,9 @@ class SiteConfig:
     key_file: str | None = None
     #: Path of the site's public person-years CSV (absolute once parsed from a file).
     population: str | None = None
+    #: The registry's own site configuration file (:mod:`pets_widgets.site.config`), as the
+    #: site's machine sees it; None: one is generated from ``source`` for this run.
+    config: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,11 +94,14 @@ class FederationConfig:
     path: str = "<memory>"
     #: The SQLite audit ledger (absolute once parsed from a file); None: a temporary one.
     ledger: str | None = None
+    #: Folder of the platform verifier's signing key and published JWKS (kept across runs so
+    #: that registries can pin it); None: a fresh verifier for this run.
+    verifier: str | None = None
 
     @property
     def synthetic_only(self) -> bool:
         """Every site holds a seeded synthetic registry (nothing real to protect)."""
-        return all(s.source.kind == "synthetic" for s in self.sites)
+        return all(s.source is not None and s.source.kind == "synthetic" for s in self.sites)
 
     @property
     def site_names(self) -> tuple[str, ...]:
@@ -146,7 +154,13 @@ def parse_config(data: Mapping[str, Any], base: Path | None = None,
         if not isinstance(ledger, str) or not ledger.strip():
             raise ConfigError(f"{label}: ledger must be the path of an SQLite file")
         ledger = str(base / ledger) if base is not None else ledger
-    return FederationConfig(sites, key_bits, capacity, label, ledger)
+    verifier = fed.get("verifier")
+    if verifier is not None:
+        if not isinstance(verifier, str) or not verifier.strip():
+            raise ConfigError(f"{label}: verifier must be the folder of the platform "
+                              "verifier's key and JWKS")
+        verifier = str(base / verifier) if base is not None else verifier
+    return FederationConfig(sites, key_bits, capacity, label, ledger, verifier)
 
 
 def _positive(value: object, what: str) -> float:
@@ -173,14 +187,28 @@ def _site(raw: object, index: int, label: str, base: Path | None,
     backend = raw.get("backend", "kernel")
     if backend not in BACKENDS:
         raise ConfigError(f"{where}: backend {backend!r} is not one of {list(BACKENDS)}")
-    if "source" not in raw:
-        raise ConfigError(f"{where}: needs a source table (synthetic, csv, parquet or sql)")
-    try:
-        source = source_from_dict(raw["source"])
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    if backend != "gateway" and base is not None:
-        source = _anchored(source, base)
+    # Paths of local and kernel sites are anchored at this file's folder; a gateway site's
+    # are as the gateway's machine sees them.
+    anchor = None if backend == "gateway" else base
+    site_config = raw.get("config")
+    source: Source | None = None
+    if site_config is not None:
+        if "source" in raw or "key_file" in raw:
+            raise ConfigError(f"{where}: a site with its own configuration (config) takes its "
+                              "source and signing key from there; remove source and key_file")
+        if not isinstance(site_config, str) or not site_config.strip():
+            raise ConfigError(f"{where}: config must be the path of the site's site.toml")
+        site_config = site_config if anchor is None else str(anchor / site_config)
+    elif "source" not in raw:
+        raise ConfigError(f"{where}: needs a source table (synthetic, csv, parquet or sql) "
+                          "or config, the path of the registry's own site configuration")
+    else:
+        try:
+            source = source_from_dict(raw["source"])
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if anchor is not None:
+            source = anchored(source, anchor)
     url, token_env = raw.get("url"), raw.get("token_env")
     if backend == "gateway":
         if not isinstance(url, str) or not re.match(r"^https?://", url):
@@ -193,8 +221,8 @@ def _site(raw: object, index: int, label: str, base: Path | None,
     key_file = raw.get("key_file")
     if key_file is not None:
         key_file = str(key_file)
-        if backend != "gateway" and base is not None:
-            key_file = str(base / key_file)
+        if anchor is not None:
+            key_file = str(anchor / key_file)
     population = raw.get("population")
     if population is not None:
         if not isinstance(population, str) or not population.strip():
@@ -207,18 +235,7 @@ def _site(raw: object, index: int, label: str, base: Path | None,
         timeout=_positive(raw.get("timeout", default_timeout), f"{where}: timeout"),
         start_timeout=_positive(raw.get("start_timeout", DEFAULT_START_TIMEOUT),
                                 f"{where}: start_timeout"),
-        key_file=key_file)
-
-
-def _anchored(source: Source, base: Path) -> Source:
-    """A local source with its relative paths made absolute against the config's folder."""
-    if isinstance(source, CsvSource):  # also Parquet
-        return replace(source, path=str(base / source.path))
-    if isinstance(source, SqlSource) and source.url.startswith("sqlite:///"):
-        rest = source.url[len("sqlite:///"):]
-        if rest and not rest.startswith("/") and not rest.startswith(":memory:"):
-            return replace(source, url=f"sqlite:///{base / rest}")
-    return source
+        key_file=key_file, config=site_config)
 
 
 def read_population(path: str, site: str) -> pd.DataFrame:

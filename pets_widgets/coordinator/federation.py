@@ -10,15 +10,23 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import pandas as pd
 
-from pets_widgets.coordinator.config import FederationConfig, load_config, read_population, sites_of
+from pets_widgets.coordinator.config import (
+    FederationConfig,
+    SiteConfig,
+    load_config,
+    read_population,
+    sites_of,
+)
 from pets_widgets.core import schema as S
 from pets_widgets.core.analyst import resolve_analyst
 from pets_widgets.core.budget import Budget
@@ -44,9 +52,15 @@ from pets_widgets.enclave.enclave import Admission, Enclave
 from pets_widgets.platform.measurement import expected_image_digest
 from pets_widgets.platform.verifier import PlatformVerifier
 from pets_widgets.site import synthetic
+from pets_widgets.site.config import (
+    SiteConfiguration,
+    load_site_config,
+    open_site,
+    write_site_config,
+)
 from pets_widgets.site.site import Site
 from pets_widgets.site.sources import SyntheticSource
-from pets_widgets.site.trust import Floors, SiteTrust
+from pets_widgets.site.trust import Floors
 
 #: ``progress(stage, site, fraction_done)``; stage is attest, compute, encrypt (reported when
 #: the site's signed, encrypted aggregate has arrived), aggregate or release.
@@ -77,11 +91,15 @@ class LocalSite:
     #: Sites compute and encrypt in parallel threads (gmpy2 releases the GIL while it works).
     parallel = True
 
-    def __init__(self, site: Site, source: Any = None):
+    def __init__(self, site: Site, source: Any = None,
+                 population: pd.DataFrame | None = None, config: Path | None = None):
         self._site = site
         self.name = site.name
         self.verify_key = site.verify_key
         self.source = source
+        self._population = population
+        #: The site configuration file the site was opened from.
+        self.config = config
 
     def challenge(self) -> str:
         return self._site.challenge()
@@ -99,7 +117,8 @@ class LocalSite:
 
     @property
     def population(self) -> pd.DataFrame | None:
-        return self._site.population
+        """Public denominators: the federation file's population CSV, else the site's own."""
+        return self._population if self._population is not None else self._site.population
 
 
 def aggregate(public_key: PublicKey,
@@ -307,11 +326,14 @@ def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | o
     """Start every site of ``config`` (in parallel) and return the federation.
 
     A simulated platform verifier measures and launches the enclave (a debug build when
-    ``debug``: the test doors need one) and issues its tokens. Each site trusts that
-    verifier's keys and approves the image digest of this code with ``policy`` and the shipped
-    dictionary, computed independently of the launch, and keeps ``floors`` (the defaults of
-    :class:`~pets_widgets.site.trust.Floors` when None); a site accepts a debug enclave only
-    when ``debug`` is asked for here.
+    ``debug``: the test doors need one) and issues its tokens. Every site is opened from a
+    site configuration (:mod:`pets_widgets.site.config`): the registry's own file when the
+    entry names one (``config``), which decides everything the site trusts and enforces;
+    otherwise one generated for this run from the entry's source, as a registry's operator
+    would write it: it pins this verifier's JWKS, approves the image digest of this code
+    with ``policy`` and the shipped dictionary (computed independently of the launch),
+    accepts a debug enclave only when ``debug`` is asked for here, and keeps ``floors``
+    (the defaults of :class:`~pets_widgets.site.trust.Floors` when None).
 
     Local sites load their rows in this process; kernel and gateway sites load them inside
     their own kernels. If any site fails to start, the ones already started are stopped
@@ -331,36 +353,38 @@ def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | o
         ledger = config.ledger
     if not isinstance(ledger, audit.Ledger):
         ledger = audit.Ledger(Path(ledger) if ledger is not None else temporary_ledger())
-    verifier = PlatformVerifier()
+    verifier = (PlatformVerifier.open(config.verifier) if config.verifier is not None
+                else PlatformVerifier())
     launched = verifier.launch(policy, schema.digest, debug=debug)
     enclave = Enclave(schema, ledger, policy, bits, capacity, issuer=launched)
-    trust = SiteTrust(verifier.jwks(), (expected_image_digest(policy, schema.digest),),
-                      verifier.issuer, allow_debug=debug)
-    floors = floors or Floors()
+    generated = SiteDefaults(verifier.jwks(), verifier.issuer,
+                             expected_image_digest(policy, schema.digest), debug,
+                             floors or Floors(), capacity, schema.sites)
     backends: list[Any] = []
     remote: list[Any] = []
     for sc in config.sites:
+        site_file = sc.config or str(generated.write(sc))
         population = (read_population(sc.population, sc.name) if sc.population is not None
-                      else sc.source.population(sc.name))
+                      else None)
         if sc.backend == "local":
-            rows = sc.source.load(schema, sc.name, capacity)
-            site = Site(sc.name, rows, schema, population, capacity, floors=floors)
-            site.enroll(trust)
-            backends.append(LocalSite(site, source=sc.source))
+            site_config = load_site_config(site_file)
+            _check_member(site_config, sc.name, schema.sites, capacity)
+            site = open_site(site_config)
+            backends.append(LocalSite(site, source=site_config.source, population=population,
+                                      config=site_config.path))
             continue
         backend: KernelSite | GatewaySite
         if sc.backend == "kernel":
             backend = KernelSite(
-                sc.name, sc.source, kernel_name=sc.kernel_name, sites=config.site_names,
-                trust=trust, floors=floors, capacity=capacity, timeout=sc.timeout,
-                start_timeout=sc.start_timeout, key_file=sc.key_file, population=population)
+                sc.name, site_file, sites=schema.sites, source=sc.source,
+                kernel_name=sc.kernel_name, timeout=sc.timeout, start_timeout=sc.start_timeout,
+                population=population)
         else:
             assert sc.url is not None and sc.token_env is not None
             backend = GatewaySite(
-                sc.name, sc.source, url=sc.url, token_env=sc.token_env,
-                kernel_name=sc.kernel_name, sites=config.site_names, trust=trust, floors=floors,
-                capacity=capacity, timeout=sc.timeout, start_timeout=sc.start_timeout,
-                key_file=sc.key_file, population=population)
+                sc.name, site_file, url=sc.url, token_env=sc.token_env, sites=schema.sites,
+                source=sc.source, kernel_name=sc.kernel_name, timeout=sc.timeout,
+                start_timeout=sc.start_timeout, population=population)
         backends.append(backend)
         remote.append(backend)
     start_sites(remote)
@@ -369,6 +393,45 @@ def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | o
     except BaseException:
         close_sites(remote)
         raise
+
+
+def _check_member(site: SiteConfiguration, name: str, sites: tuple[str, ...],
+                  capacity: int) -> None:
+    """A registry's own configuration must be the site the federation lists, in the same
+    study, with the same public capacity (both sides size the encoding from it)."""
+    if site.name != name:
+        raise SiteError(name, f"its configuration {site.path} names another site")
+    if site.sites != sites:
+        raise SiteError(name, "its data dictionary lists other sites than the federation's",
+                        rule="dictionary")
+    if site.capacity != capacity:
+        raise SiteError(name, "its capacity differs from the federation's site_capacity "
+                              "(both are public bounds and must agree)", rule="capacity")
+
+
+@dataclass(frozen=True)
+class SiteDefaults:
+    """What a site configuration generated for one run holds: what a registry's operator
+    would write after pinning this run's verifier and approving this run's enclave image."""
+
+    jwks: dict[str, Any]
+    issuer: str
+    image: str
+    allow_debug: bool
+    floors: Floors
+    capacity: int
+    sites: tuple[str, ...]
+
+    def write(self, entry: SiteConfig) -> Path:
+        """A fresh folder (removed at interpreter exit) with the site's ``site.toml``."""
+        assert entry.source is not None
+        folder = Path(tempfile.mkdtemp(prefix="pets-site-config-"))
+        atexit.register(shutil.rmtree, folder, True)
+        return write_site_config(
+            folder, entry.name, entry.source.to_dict(), sites=self.sites,
+            capacity=self.capacity, verifier_jwks=self.jwks, issuer=self.issuer,
+            approved_images=(self.image,), allow_debug=self.allow_debug, floors=self.floors,
+            signing_key=entry.key_file or "signing-key.pem")
 
 
 def demo_federation(seed: int = 7, n_sites: int = 2, rows_per_site: int | None = None, *,

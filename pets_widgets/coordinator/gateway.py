@@ -40,9 +40,7 @@ from pets_widgets.coordinator.remote import (
     TransportError,
 )
 from pets_widgets.core.errors import SiteError
-from pets_widgets.core.packing import DEFAULT_SITE_CAPACITY
 from pets_widgets.site.sources import Source
-from pets_widgets.site.trust import Floors, SiteTrust
 
 #: Seconds a websocket receive waits before the loop checks its deadline.
 POLL = 0.25
@@ -53,22 +51,20 @@ ALIVE_EVERY = 2.0
 class GatewaySite(RemoteSite):
     """A site whose kernel runs behind a Jupyter Kernel Gateway at ``url``.
 
-    ``token_env`` names the environment variable holding the gateway's token. ``key_file``
-    is a path on the gateway's machine where the kernel keeps the site's signing key; without
-    it a kernel the gateway restarts signs with a new key and the site is reported down.
+    ``token_env`` names the environment variable holding the gateway's token. ``config`` is
+    the path of the site's configuration on the gateway's machine: the kernel reads its data,
+    signing key, floors and trust from there.
     """
 
     backend = "gateway"
 
-    def __init__(self, name: str, source: Source, *, url: str, token_env: str,
-                 sites: Sequence[str], trust: SiteTrust, floors: Floors,
-                 capacity: int = DEFAULT_SITE_CAPACITY, timeout: float = DEFAULT_TIMEOUT,
-                 start_timeout: float = DEFAULT_START_TIMEOUT, key_file: str | None = None,
+    def __init__(self, name: str, config: str, *, url: str, token_env: str,
+                 sites: Sequence[str], source: Source | None = None,
+                 timeout: float = DEFAULT_TIMEOUT, start_timeout: float = DEFAULT_START_TIMEOUT,
                  kernel_name: str = "python3", quickack: bool = True,
                  population: pd.DataFrame | None = None):
-        super().__init__(name, source, sites=sites, trust=trust, floors=floors, capacity=capacity,
-                         timeout=timeout, start_timeout=start_timeout, key_file=key_file,
-                         population=population)
+        super().__init__(name, config, sites=sites, source=source, timeout=timeout,
+                         start_timeout=start_timeout, population=population)
         self.url = url if url.endswith("/") else url + "/"
         self.token_env = token_env
         self.kernel_name = kernel_name

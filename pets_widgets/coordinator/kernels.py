@@ -39,9 +39,7 @@ from pets_widgets.coordinator.remote import (
     RemoteSite,
     TransportError,
 )
-from pets_widgets.core.packing import DEFAULT_SITE_CAPACITY
 from pets_widgets.site.sources import Source
-from pets_widgets.site.trust import Floors, SiteTrust
 
 T = TypeVar("T")
 #: Seconds without a message after which the wait loop checks the kernel process is alive.
@@ -87,27 +85,23 @@ class _Loop:
 class KernelSite(RemoteSite):
     """A site in a local ipykernel process, reached over CurveZMQ-encrypted ZeroMQ.
 
-    Its connection files and, without ``key_file``, the site's signing key live in a private
-    temporary directory (mode 0700) that exists while this object does: a restarted kernel
-    reads the key back, and no kernel secret is written under $HOME.
+    Its connection files live in a private temporary directory (mode 0700) that exists while
+    this object does, so no kernel secret is written under $HOME; the site's signing key is
+    where its configuration says, so a restarted kernel reads it back.
     """
 
     backend = "kernel"
 
-    def __init__(self, name: str, source: Source, *, sites: Sequence[str],
-                 trust: SiteTrust, floors: Floors, capacity: int = DEFAULT_SITE_CAPACITY,
-                 timeout: float = DEFAULT_TIMEOUT, start_timeout: float = DEFAULT_START_TIMEOUT,
-                 key_file: str | None = None, kernel_name: str = "python3",
+    def __init__(self, name: str, config: str, *, sites: Sequence[str],
+                 source: Source | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 start_timeout: float = DEFAULT_START_TIMEOUT, kernel_name: str = "python3",
                  transport_encryption: str = "required", population: pd.DataFrame | None = None):
         # A private folder (mode 0700) for the kernel's connection files, which hold its
-        # CurveZMQ and message-signing secrets, and by default for the site's signing key.
+        # CurveZMQ and message-signing secrets.
         self._dir: str | None = tempfile.mkdtemp(prefix=f"pets-site-{_safe(name)}-")
         self._launches = 0
-        if key_file is None:
-            key_file = str(Path(self._dir) / "signing-key.pem")
-        super().__init__(name, source, sites=sites, trust=trust, floors=floors, capacity=capacity,
-                         timeout=timeout, start_timeout=start_timeout, key_file=key_file,
-                         population=population)
+        super().__init__(name, config, sites=sites, source=source, timeout=timeout,
+                         start_timeout=start_timeout, population=population)
         self.kernel_name = kernel_name
         self.transport_encryption = transport_encryption
         self._km: Any = None

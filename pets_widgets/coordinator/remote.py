@@ -29,12 +29,10 @@ from pets_widgets.core.errors import (
     SiteError,
     SiteIntegrityError,
 )
-from pets_widgets.core.packing import DEFAULT_SITE_CAPACITY
 from pets_widgets.core.signing import VerifyKey
 from pets_widgets.core.wire import AggregateRequest, EncryptedAggregate
 from pets_widgets.site.kernel_entry import call_code
 from pets_widgets.site.sources import Source
-from pets_widgets.site.trust import Floors, SiteTrust
 
 #: Seconds a site may take to answer one query call, and to start (load rows) by default.
 DEFAULT_TIMEOUT = 60.0
@@ -85,30 +83,29 @@ _DIED = "its kernel died"
 class RemoteSite:
     """One site in its own kernel. ``start()`` before use; ``close()`` (idempotent) after.
 
+    ``config``: the path of the site's own configuration file, as the kernel's machine sees
+    it; the kernel reads its source, signing key, budget, floors and trust from there (a
+    restarted kernel therefore signs with the registered key). ``source``, when the
+    coordinator knows it, serves public denominators and test oracles only.
     ``timeout``: seconds a query call may take before the kernel is interrupted (and
-    restarted if the interrupt does not bring it back). ``key_file``: where the kernel keeps
-    the site's signing key, so a restarted kernel signs with the registered key.
+    restarted if the interrupt does not bring it back).
     """
 
     backend: ClassVar[str] = ""
     #: Federation fans queries out to sites that say so in parallel threads.
     parallel = True
 
-    def __init__(self, name: str, source: Source, *, sites: Sequence[str],
-                 trust: SiteTrust, floors: Floors, capacity: int = DEFAULT_SITE_CAPACITY,
-                 timeout: float = DEFAULT_TIMEOUT,
-                 start_timeout: float = DEFAULT_START_TIMEOUT, key_file: str | None = None,
+    def __init__(self, name: str, config: str, *, sites: Sequence[str],
+                 source: Source | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 start_timeout: float = DEFAULT_START_TIMEOUT,
                  population: pd.DataFrame | None = None):
         self.name = name
+        self.config = config
+        self.sites = tuple(sites)
         self.source = source
         self.timeout = float(timeout)
         self.start_timeout = float(start_timeout)
-        self.key_file = key_file
-        self._start_args = {
-            "site": name, "sites": list(sites), "source": source.to_dict(),
-            "trust": trust.to_dict(), "floors": floors.to_dict(), "capacity": int(capacity),
-            "key_file": key_file,
-        }
+        self._start_args = {"config": config}
         self._verify_key: VerifyKey | None = None
         self._lock = threading.RLock()
         self.state = "new"  # new -> up <-> down -> closed
@@ -132,7 +129,7 @@ class RemoteSite:
     def population(self) -> pd.DataFrame | None:
         """Public denominators: the configuration's population file, or those derived from
         the source description (no rows involved)."""
-        if self._population is None:
+        if self._population is None and self.source is not None:
             self._population = self.source.population(self.name)
         return self._population
 
@@ -147,6 +144,7 @@ class RemoteSite:
             try:
                 self._launch_named()
                 info = self._call("start", self._start_args, self.start_timeout)
+                self._check_identity(info)
             except BaseException:
                 self._stop_quietly()
                 self.state = "new"
@@ -156,6 +154,14 @@ class RemoteSite:
             self.kernel_info = {**info, "start_seconds": round(time.monotonic() - t0, 3)}
             self.state, self.cause = "up", ""
             return self
+
+    def _check_identity(self, info: dict[str, Any]) -> None:
+        """The kernel's site must be the one the federation lists, in the same study."""
+        if info.get("name") != self.name:
+            raise SiteError(self.name, "its configuration names another site")
+        if tuple(info.get("sites", ())) != self.sites:
+            raise SiteError(self.name, "its data dictionary lists other sites than the "
+                                       "federation's", rule="dictionary")
 
     def challenge(self) -> str:
         """First call of every query: brings a dead kernel back first, then asks for a nonce.
@@ -256,7 +262,7 @@ class RemoteSite:
         rule = str(payload.get("rule", ""))[:100]
         if error == "DataValidationError":
             problems = [DataProblem(str(p["column"]), str(p["problem"]),
-                                    tuple(int(r) for r in p.get("rows", ())))
+                                    count=int(p.get("count", 0)))
                         for p in payload.get("problems", ())]
             raise DataValidationError(message, problems, self.name)
         if error in ("AttestationError", "SiteAttestationError"):
@@ -299,7 +305,7 @@ class RemoteSite:
         if info.get("verify_key") != self.verify_key.to_bytes().hex():
             self._mark_down(f"{cause}; after a restart it signs with another key")
             raise SiteError(self.name, "was restarted but signs with another key than the one "
-                                       "the enclave registered (give the site a key_file)")
+                                       "the enclave registered")
         self.state, self.cause = "up", ""
         self.restarts += 1
         self.kernel_info.update(pid=info.get("pid"))

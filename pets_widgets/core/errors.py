@@ -98,15 +98,29 @@ class DataProblem:
     """One problem in a registry file: the column, the 1-based data rows, and what is wrong.
 
     ``rows`` is empty for a problem with a whole column (missing, unknown). The problem text
-    states the rule (allowed categories, bounds), never the offending value.
+    states the rule (allowed categories, bounds), never the offending value. ``count`` is the
+    number of rows when they are not listed (:meth:`counted`: what leaves a site).
     """
 
     column: str
     problem: str
     rows: tuple[int, ...] = ()
+    count: int = 0
+
+    @property
+    def n_rows(self) -> int:
+        """How many rows have this problem (0: the whole column)."""
+        return len(self.rows) or self.count
+
+    def counted(self) -> DataProblem:
+        """This problem with its rows replaced by their number: no row leaves the site."""
+        return DataProblem(self.column, self.problem, (), self.n_rows)
 
     def describe(self, max_rows: int = 10) -> str:
         if not self.rows:
+            if self.count:
+                word = "row" if self.count == 1 else "rows"
+                return f"column {self.column!r}, {self.count} {word}: {self.problem}"
             return f"column {self.column!r}: {self.problem}"
         shown = ", ".join(str(r) for r in self.rows[:max_rows])
         more = f" and {len(self.rows) - max_rows} more" if len(self.rows) > max_rows else ""
@@ -127,6 +141,12 @@ class DataValidationError(PetsError, ValueError):
         lines = [f"{where}{source} does not match the schema ({n} problem{'s' * (n != 1)}):"]
         lines += [f"  - {p.describe()}" for p in self.problems]
         super().__init__("\n".join(lines))
+
+    def counted(self) -> DataValidationError:
+        """What a site tells anyone else: the rules broken and how many rows break each,
+        without row numbers or the source's location."""
+        return DataValidationError("its registry data", [p.counted() for p in self.problems],
+                                   self.site)
 
 
 class ConfigError(PetsError, ValueError):

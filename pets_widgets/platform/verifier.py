@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from pets_widgets.core.errors import ConfigError
 from pets_widgets.core.evidence import (
     DEBUG_DISABLED,
     DEBUG_ENABLED,
@@ -34,16 +38,49 @@ from pets_widgets.platform.measurement import code_digest, image_digest
 SWVERSION = "0.2.0"
 
 
-class PlatformVerifier:
-    """Holds the attestation signing key and the JWKS sites pin."""
+#: File names in a verifier's folder: its signing key (mode 0600) and the JWKS it publishes.
+KEY_FILE = "verifier-key.pem"
+JWKS_FILE = "verifier-jwks.json"
 
-    def __init__(self, issuer: str = ISSUER):
+
+class PlatformVerifier:
+    """Holds the attestation signing key and the JWKS sites pin.
+
+    ``key`` is the ES256 signing key (a fresh one when None); :meth:`open` keeps one in a
+    folder so registries can pin its JWKS once.
+    """
+
+    def __init__(self, issuer: str = ISSUER, key: ec.EllipticCurvePrivateKey | None = None):
         self.issuer = issuer
-        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._key = key or ec.generate_private_key(ec.SECP256R1())
         jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self._key.public_key()))
         self.kid = "pets-verifier-" + hashlib.sha256(
             f"{jwk['x']}{jwk['y']}".encode()).hexdigest()[:12]
         self._jwk = {**jwk, "kid": self.kid, "alg": "ES256", "use": "sig"}
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike[str], issuer: str = ISSUER) -> PlatformVerifier:
+        """The verifier whose key is kept in ``folder`` (created there, mode 0600, the first
+        time), with its JWKS written beside it as ``verifier-jwks.json`` for site operators."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        key_path = folder / KEY_FILE
+        if key_path.exists():
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ConfigError(f"verifier: {key_path} does not hold an EC private key")
+        else:
+            key = ec.generate_private_key(ec.SECP256R1())
+            pem = key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(pem)
+        verifier = cls(issuer, key)
+        (folder / JWKS_FILE).write_text(json.dumps(verifier.jwks(), indent=2) + "\n",
+                                        encoding="utf-8")
+        return verifier
 
     def jwks(self) -> dict[str, Any]:
         """The verifier's public keys as a JWKS (what each site pins)."""

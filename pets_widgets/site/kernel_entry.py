@@ -5,9 +5,9 @@ kernel is the fixed template :data:`CALL_TEMPLATE` with a base64 literal filled 
 base64 decodes to JSON ``{"op": ..., "args": {...}}`` naming one of four operations:
 
 ``start``
-    load the site's rows from its source (inside this kernel), build the
-    :class:`~pets_widgets.site.site.Site`, load or create its Ed25519 signing key, enroll it with
-    the approved enclave; replies with the verify key and the size rounded to 100.
+    read the site's own configuration file (:mod:`pets_widgets.site.config`), load its rows,
+    signing key, budget, floors and trust from it (inside this kernel); replies with the
+    site's name, the study's sites, the verify key and the size rounded to 100.
 ``challenge``
     a fresh nonce for the enclave's attestation quote.
 ``respond``
@@ -35,14 +35,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from pets_widgets.core import schema as S
 from pets_widgets.core.errors import DataValidationError, PetsError, QueryValidationError
-from pets_widgets.core.signing import SigningKey
 from pets_widgets.site.site import Site
-from pets_widgets.site.trust import Floors, SiteTrust
 
 #: The only code a coordinator runs in a site kernel; ``{payload}`` is base64 text.
 CALL_TEMPLATE = "import pets_widgets.site.kernel_entry as _pw_site\n_pw_site.handle('{payload}')\n"
@@ -79,10 +73,10 @@ def dispatch(payload: str) -> dict[str, Any]:
     try:
         op, args = _decode(payload)
         return {"ok": True, "result": _HANDLERS[op](args)}
-    except DataValidationError as exc:
-        problems = [{"column": p.column, "problem": p.problem, "rows": list(p.rows)}
+    except DataValidationError as exc:  # the rules broken and counts: no row, no path
+        problems = [{"column": p.column, "problem": p.problem, "count": p.n_rows}
                     for p in exc.problems]
-        return {"ok": False, "error": "DataValidationError", "message": exc.source,
+        return {"ok": False, "error": "DataValidationError", "message": exc.counted().source,
                 "problems": problems}
     except PetsError as exc:
         return {"ok": False, "error": type(exc).__name__, "message": str(exc),
@@ -115,47 +109,20 @@ def _site() -> Site:
     return site
 
 
-def _signing_key(key_file: str | None) -> SigningKey:
-    """The site's long-term signing key: read from ``key_file``, or created there (0600)."""
-    if key_file is None:
-        return SigningKey()
-    path = Path(key_file)
-    if path.exists():
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise PetsError(f"key_file {key_file} does not hold an Ed25519 private key")
-        return SigningKey(key)
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
-    return SigningKey(key)
-
-
 def _start(args: dict[str, Any]) -> dict[str, Any]:
-    from pets_widgets.site.sources import source_from_dict
+    from pets_widgets.site.config import load_site_config, open_site
 
     if "site" in _STATE:
         raise QueryValidationError("call.op", "this kernel already runs a site", ["challenge"])
-    try:
-        name = str(args["site"])
-        schema = S.Schema(tuple(str(s) for s in args["sites"]))
-        source = source_from_dict(args["source"])
-        trust = SiteTrust.from_dict(args["trust"])
-        floors = Floors.from_dict(args["floors"])
-        capacity = int(args["capacity"])
-        key_file = args.get("key_file")
-    except (KeyError, TypeError, ValueError):
-        raise QueryValidationError("call.args", "start needs site, sites, source, "
-                                   "trust, floors and capacity") from None
-    rows = source.load(schema, name, capacity)
-    site = Site(name, rows, schema, None, capacity, signing_key=_signing_key(key_file),
-                floors=floors)
-    site.enroll(trust)
+    path = args.get("config")
+    if not isinstance(path, str) or set(args) != {"config"}:
+        raise QueryValidationError("call.args", "start needs only config, the path of the "
+                                   "site's own configuration file", ["config"])
+    config = load_site_config(path)
+    site = open_site(config)
     _STATE["site"] = site
-    return {"verify_key": site.verify_key.to_bytes().hex(), "rows": site.rows_rounded,
+    return {"name": site.name, "sites": list(config.sites),
+            "verify_key": site.verify_key.to_bytes().hex(), "rows": site.rows_rounded,
             "module": str(Path(__file__).resolve().parents[1]), "pid": os.getpid()}
 
 

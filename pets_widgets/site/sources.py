@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import pandas as pd
@@ -220,3 +221,15 @@ def source_from_dict(data: Mapping[str, Any]) -> Source:
         allowed = sorted(f.name for f in dataclasses.fields(cls))
         raise ConfigError(f"{kind} source: unexpected keys {sorted(fields)}; allowed: "
                           f"{allowed}") from None
+
+
+def anchored(source: Source, base: Path) -> Source:
+    """``source`` with its relative paths made absolute against ``base`` (a configuration's
+    folder)."""
+    if isinstance(source, CsvSource):  # also Parquet
+        return replace(source, path=str(base / source.path))
+    if isinstance(source, SqlSource) and source.url.startswith("sqlite:///"):
+        rest = source.url[len("sqlite:///"):]
+        if rest and not rest.startswith("/") and not rest.startswith(":memory:"):
+            return replace(source, url=f"sqlite:///{base / rest}")
+    return source

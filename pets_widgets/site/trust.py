@@ -10,6 +10,7 @@ nothing else: no value, no claim contents.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -85,86 +86,198 @@ class VerifiedToken:
     debug: bool = False
 
 
-def _refuse(rule: str, message: str) -> AttestationError:
-    return AttestationError(f"the enclave's attestation token fails check {rule}: {message}",
-                            rule=rule)
+@dataclass(frozen=True)
+class Check:
+    """One check a site makes on a token: ``passed`` is None when it was not made (an earlier
+    check failed, or the live challenge or key was not given)."""
+
+    rule: str
+    passed: bool | None
+    message: str
 
 
-_DECODE_RULES: tuple[tuple[type[Exception], str, str], ...] = (
-    (jwt.ExpiredSignatureError, "trust.expired", "it has expired"),
-    (jwt.ImmatureSignatureError, "trust.not_yet_valid", "it is not valid yet"),
-    (jwt.InvalidAudienceError, "trust.audience", "it is addressed to another site"),
-    (jwt.InvalidIssuerError, "trust.issuer", "it comes from another verifier"),
-    (jwt.MissingRequiredClaimError, "trust.claims", "a required claim is missing"),
-    (jwt.InvalidSignatureError, "trust.signature",
-     "its signature does not verify against the pinned verifier keys"),
-)
+#: Every check, in the order a site makes them; each names what it verifies.
+CHECKS: dict[str, str] = {
+    "trust.format": "the token is a JWT",
+    "trust.signature": "signed (ES256) by a key in the pinned verifier JWKS",
+    "trust.issuer": "issued by the pinned verifier",
+    "trust.audience": "addressed to this site",
+    "trust.not_yet_valid": "valid now (nbf)",
+    "trust.expired": "not expired (exp)",
+    "trust.claims": "has every required claim, in the expected shape",
+    "trust.nonce": "answers this site's current challenge",
+    "trust.key_binding": "bound to the key the site encrypts to and to one admitted query",
+    "trust.debug": "from a production enclave (dbgstat), unless debug is allowed",
+    "trust.image": "the enclave image digest is one this site approved",
+    "trust.dictionary": "the enclave enforces this site's data dictionary",
+    "floor.k": "k of the policy and of the query meet this site's floor",
+    "floor.max_epsilon": "epsilon of the policy and of the query meet this site's floor",
+    "floor.min_subset": "the policy's smallest subset meets this site's floor",
+}
+
+_FAILURES: dict[str, str] = {
+    "trust.format": "it is not a JWT",
+    "trust.signature": "its signature does not verify against the pinned verifier keys",
+    "trust.issuer": "it comes from another verifier",
+    "trust.audience": "it is addressed to another site",
+    "trust.not_yet_valid": "it is not valid yet",
+    "trust.expired": "it has expired",
+    "trust.claims": "a required claim is missing or has an unexpected shape",
+    "trust.nonce": "it does not answer this site's current challenge",
+    "trust.key_binding": "it is not bound to the key and query the site was asked to answer",
+    "trust.debug": "it comes from a debug enclave, which this site refuses",
+    "trust.image": "the enclave image digest is not one this site approved "
+                   "(its code, policy or dictionary changed)",
+    "trust.dictionary": "the enclave enforces another data dictionary",
+}
 
 
-def verify_token(token: str, *, site: str, nonce: str, public_key_n: int, trust: SiteTrust,
-                 floors: Floors, dictionary: str) -> VerifiedToken:
-    """Check an attestation token exactly as site ``site`` does; raise
-    :class:`AttestationError` (``rule`` = the failed check) or return what it says.
+class _Checklist:
+    """Collects checks in order; after the first failure the rest are recorded as not made
+    (a site stops there; a reviewer sees what was and was not checked)."""
 
-    ``nonce`` is the challenge the site issued for this request; ``public_key_n`` the key it
-    would encrypt to; ``dictionary`` the digest of the site's own data dictionary.
+    def __init__(self, floors: Floors) -> None:
+        self.floors = floors
+        self.results: list[Check] = []
+        self.failed = False
+
+    def check(self, rule: str, passed: bool | None, message: str | None = None) -> bool:
+        if self.failed:
+            return False
+        if passed is None:
+            self.results.append(Check(rule, None, message or "not checked"))
+            return True
+        text = CHECKS[rule] if passed else (message or _FAILURES[rule])
+        self.results.append(Check(rule, passed, text))
+        self.failed = not passed
+        return passed
+
+    def finish(self) -> list[Check]:
+        made = {c.rule for c in self.results}
+        reason = "not checked: an earlier check failed"
+        return self.results + [Check(r, None, reason) for r in CHECKS if r not in made]
+
+
+def token_checks(token: str, *, site: str, nonce: str | None, public_key_n: int | None,
+                 trust: SiteTrust, floors: Floors, dictionary: str,
+                 now: float | None = None) -> tuple[list[Check], VerifiedToken | None]:
+    """Every check site ``site`` makes on an attestation token, in order, and what the token
+    says when all of them passed.
+
+    ``nonce`` is the challenge the site issued for this request and ``public_key_n`` the key
+    it would encrypt to; either may be None for a check by hand (those checks are then
+    reported as not made, and no :class:`VerifiedToken` is returned). ``dictionary`` is the
+    digest of the site's own data dictionary. The signature is verified with PyJWT against
+    the pinned JWKS before any claim is believed; the claims are then compared one by one so
+    that each check has its own result.
     """
+    checks = _Checklist(floors)
+    when = time.time() if now is None else now
     try:
         kid = jwt.get_unverified_header(token).get("kid")
+        ok = True
     except jwt.InvalidTokenError:
-        raise _refuse("trust.format", "it is not a JWT") from None
+        ok = False
+    if not checks.check("trust.format", ok):
+        return checks.finish(), None
     keys = {k.get("kid"): k for k in trust.verifier_jwks.get("keys", ())}
-    if kid not in keys:
-        raise _refuse("trust.signature", "it is signed by a key the site did not pin")
+    claims: dict[str, Any] = {}
+    if kid in keys:
+        try:
+            key = jwt.PyJWK.from_dict(dict(keys[kid])).key
+            claims = jwt.decode(token, key, algorithms=["ES256"],
+                                options={"verify_exp": False, "verify_nbf": False,
+                                         "verify_iat": False, "verify_aud": False,
+                                         "verify_iss": False, "require": []})
+            signed = True
+        except jwt.InvalidTokenError:
+            signed = False
+    else:
+        signed = False
+    if not checks.check("trust.signature", signed, None if kid in keys else
+                        "it is signed by a key the site did not pin"):
+        return checks.finish(), None
+    audience = claims.get("aud")
+    times = [claims.get(c) for c in ("nbf", "exp", "iat")]
+    timed = all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times)
+    for rule, passed in (
+            ("trust.issuer", claims.get("iss") == trust.issuer),
+            ("trust.audience", audience == site or (isinstance(audience, list)
+                                                    and audience == [site])),
+            ("trust.not_yet_valid", timed and times[0] <= when),  # type: ignore[operator]
+            ("trust.expired", timed and when < times[1])):  # type: ignore[operator]
+        if not checks.check(rule, passed):
+            return checks.finish(), None
     try:
-        key = jwt.PyJWK.from_dict(dict(keys[kid])).key
-        claims = jwt.decode(token, key, algorithms=["ES256"], audience=site,
-                            issuer=trust.issuer, options={"require": list(REQUIRED_CLAIMS)})
-    except jwt.InvalidTokenError as exc:
-        for kind, rule, message in _DECODE_RULES:
-            if isinstance(exc, kind):
-                raise _refuse(rule, message) from None
-        raise _refuse("trust.format", "it cannot be decoded") from None
-    try:
+        missing = [c for c in REQUIRED_CLAIMS if c not in claims]
         token_nonce, binding = claims["eat_nonce"]
         mine = claims["submods"]["pets_widgets"]
         admission = AdmissionClaims.from_dict(mine["admission"])
         image = str(claims["submods"]["container"]["image_digest"])
         policy = dict(mine["policy"])
         token_dictionary = str(mine["dictionary"])
+        debug = claims["dbgstat"] != DEBUG_DISABLED
+        shaped = not missing
     except (KeyError, TypeError, ValueError):
-        raise _refuse("trust.claims", "its claims do not have the expected shape") from None
-    if token_nonce != nonce:
-        raise _refuse("trust.nonce", "it does not answer this site's current challenge")
-    if binding != key_binding(public_key_n, admission):
-        raise _refuse("trust.key_binding",
-                      "it is not bound to the key and query the site was asked to answer")
-    debug = claims["dbgstat"] != DEBUG_DISABLED
-    if debug and not trust.allow_debug:
-        raise _refuse("trust.debug", "it comes from a debug enclave, which this site refuses")
-    if image not in trust.approved_images:
-        raise _refuse("trust.image", "the enclave image digest is not one this site approved "
-                      "(its code, policy or dictionary changed)")
-    if token_dictionary != dictionary:
-        raise _refuse("trust.dictionary", "the enclave enforces another data dictionary")
-    check_floors(policy, admission, floors)
-    return VerifiedToken(admission, nonce, image, token_dictionary, policy, debug)
+        shaped = False
+    if not checks.check("trust.claims", shaped):
+        return checks.finish(), None
+    live = nonce is not None and public_key_n is not None
+    checks.check("trust.nonce", None if nonce is None else token_nonce == nonce,
+                 "not checked: give the challenge the site issued (--nonce)")
+    checks.check("trust.key_binding", None if public_key_n is None
+                 else binding == key_binding(public_key_n, admission),
+                 "not checked: give the key the site would encrypt to (--public-key-n)")
+    checks.check("trust.debug", not debug or trust.allow_debug)
+    checks.check("trust.image", image in trust.approved_images)
+    checks.check("trust.dictionary", token_dictionary == dictionary)
+    for rule, passed in _floor_results(policy, admission, floors):
+        if passed is None:
+            checks.check("trust.claims", False,
+                         "its policy claims do not have the expected shape")
+            break
+        checks.check(rule, passed, _floor_failure(rule, floors))
+    results = checks.finish()
+    if checks.failed or not live:
+        return results, None
+    return results, VerifiedToken(admission, token_nonce, image, token_dictionary, policy, debug)
 
 
-def check_floors(policy: Mapping[str, Any], admission: AdmissionClaims, floors: Floors) -> None:
-    """Refuse a policy or an admitted query below any of the site's floors."""
+def verify_token(token: str, *, site: str, nonce: str, public_key_n: int, trust: SiteTrust,
+                 floors: Floors, dictionary: str) -> VerifiedToken:
+    """Check an attestation token exactly as site ``site`` does; raise
+    :class:`AttestationError` (``rule`` = the first failed check) or return what it says.
+
+    See :func:`token_checks` for the checks and their order.
+    """
+    results, verified = token_checks(token, site=site, nonce=nonce, public_key_n=public_key_n,
+                                     trust=trust, floors=floors, dictionary=dictionary)
+    for check in results:
+        if check.passed is False:
+            raise AttestationError(f"the enclave's attestation token fails check "
+                                   f"{check.rule}: {check.message}", rule=check.rule)
+    assert verified is not None  # every check was made and passed
+    return verified
+
+
+def _floor_results(policy: Mapping[str, Any], admission: AdmissionClaims,
+                   floors: Floors) -> list[tuple[str, bool | None]]:
+    """Whether the policy and the admitted query meet each floor (None: unreadable policy)."""
     try:
         k, max_eps = int(policy["k"]), Fraction(str(policy["max_epsilon"]))
         min_subset, eps = int(policy["min_subset"]), Fraction(admission.epsilon)
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
-        raise _refuse("trust.claims", "its policy claims do not have the expected shape") \
-            from None
-    if k < floors.k or admission.k < floors.k:
-        raise _refuse("floor.k", f"the enclave's k is below this site's floor of {floors.k}")
+        return [("floor.k", None)]
     limit = Fraction(str(floors.max_epsilon))
-    if max_eps > limit or eps > limit:
-        raise _refuse("floor.max_epsilon", "the enclave's epsilon per release is above this "
-                      f"site's floor of {floors.max_epsilon:g}")
-    if min_subset < floors.min_subset:
-        raise _refuse("floor.min_subset", "the enclave's smallest subset is below this "
-                      f"site's floor of {floors.min_subset}")
+    return [("floor.k", k >= floors.k and admission.k >= floors.k),
+            ("floor.max_epsilon", max_eps <= limit and eps <= limit),
+            ("floor.min_subset", min_subset >= floors.min_subset)]
+
+
+def _floor_failure(rule: str, floors: Floors) -> str:
+    if rule == "floor.k":
+        return f"the enclave's k is below this site's floor of {floors.k}"
+    if rule == "floor.max_epsilon":
+        return ("the enclave's epsilon per release is above this site's floor of "
+                f"{floors.max_epsilon:g}")
+    return f"the enclave's smallest subset is below this site's floor of {floors.min_subset}"

@@ -1,0 +1,361 @@
+"""A registry's own site configuration: a TOML file its operator writes and keeps.
+
+Everything a site trusts and enforces comes from this file, never from the coordinator: its
+name, the public bound on its size, its signing key, where its rows are, the platform
+verifier it pins, the enclave images it approved, its floors and its lifetime budget::
+
+    name = "NDRS"
+    capacity = 50000                    # public bound on the site's size, used for packing
+    signing_key = "signing-key.pem"     # the site's Ed25519 key (created 0600 if missing)
+    budget = "site-budget.sqlite"       # the epsilon released over this site's data
+    [dictionary]
+    sites = ["NDRS", "NCI"]             # the study's sites, as its data dictionary lists them
+    [source]                            # synthetic | csv | parquet | sql
+    kind = "csv"
+    path = "/data/registry.csv"
+    [trust]
+    verifier_jwks = "verifier-jwks.json"
+    issuer = "https://verifier.pets.invalid"
+    approved_images = ["sha256:..."]
+    allow_debug = false
+    [floor]
+    k = 5
+    max_epsilon = 1.0
+    min_subset = 10
+    lifetime_epsilon = 100.0
+    allow_site_breakdown = false
+
+Relative paths are relative to the file's folder and must stay inside it (an absolute path
+may point anywhere); every error names the key that is wrong and what it allows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from pets_widgets.core import schema as S
+from pets_widgets.core.errors import ConfigError
+from pets_widgets.core.evidence import ISSUER
+from pets_widgets.core.signing import SigningKey
+from pets_widgets.site.budget import SiteBudget
+from pets_widgets.site.site import Site
+from pets_widgets.site.sources import CsvSource, Source, SqlSource, source_from_dict
+from pets_widgets.site.trust import Floors, SiteTrust
+
+#: The file name ``site init`` writes and the site service looks for in a folder.
+FILE_NAME = "site.toml"
+TOP_KEYS = ("name", "capacity", "signing_key", "budget", "dictionary", "source", "trust",
+            "floor")
+TRUST_KEYS = ("verifier_jwks", "issuer", "approved_images", "allow_debug")
+FLOOR_KEYS = tuple(f.name for f in fields(Floors))
+DEFAULT_CAPACITY = 50_000
+
+
+@dataclass(frozen=True)
+class SiteConfiguration:
+    """One registry's site configuration, checked, with every path made absolute.
+
+    ``trust`` holds the pinned JWKS itself (read from ``verifier_jwks``), so a later change
+    of that file does not change what a running site trusts.
+    """
+
+    name: str
+    capacity: int
+    signing_key: Path
+    budget: Path
+    source: Source
+    trust: SiteTrust
+    floors: Floors
+    sites: tuple[str, ...]
+    path: Path
+
+    @property
+    def schema(self) -> S.Schema:
+        """The data dictionary this site enforces (the study's sites as its categories)."""
+        return S.Schema(self.sites)
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+
+def load_site_config(path: str | os.PathLike[str]) -> SiteConfiguration:
+    """Read and check a site configuration file.
+
+    Raises :class:`ConfigError` naming the file and the key (``trust.approved_images``,
+    ``floor.k``...) with what it allows. The pinned JWKS file is read now; the signing key
+    and the data are not (see :func:`open_site`).
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / FILE_NAME
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such site configuration file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    return parse_site_config(data, path.resolve())
+
+
+def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfiguration:
+    """Check parsed TOML of the site configuration at ``path`` (its folder anchors paths)."""
+    label = str(path)
+    base = path.parent
+    _known(data, TOP_KEYS, label, "the file")
+    name = data.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{label}: name must be the site's name, as the dictionary lists it")
+    name = name.strip()
+    capacity = data.get("capacity", DEFAULT_CAPACITY)
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise ConfigError(f"{label}: capacity must be a positive integer (a public bound on "
+                          "the site's number of patients)")
+    dictionary = _table(data, "dictionary", label)
+    _known(dictionary, ("sites",), label, "[dictionary]")
+    sites = dictionary.get("sites", [name])
+    if (not isinstance(sites, list) or not sites
+            or not all(isinstance(s, str) and s.strip() for s in sites)):
+        raise ConfigError(f"{label}: dictionary.sites must be a list of the study's site names")
+    sites = tuple(s.strip() for s in sites)
+    if name not in sites or len(set(sites)) != len(sites):
+        raise ConfigError(f"{label}: dictionary.sites must list each site once, {name!r} "
+                          "among them")
+    try:
+        source = source_from_dict(_table(data, "source", label, required=True))
+    except ConfigError as exc:
+        raise ConfigError(f"{label}: source: {exc}") from None
+    source = _anchored(source, base, label)
+    return SiteConfiguration(
+        name=name, capacity=capacity,
+        signing_key=_path(data.get("signing_key", "signing-key.pem"), "signing_key", base,
+                          label),
+        budget=_path(data.get("budget", "site-budget.sqlite"), "budget", base, label),
+        source=source, trust=_trust(_table(data, "trust", label, required=True), base, label),
+        floors=_floors(_table(data, "floor", label), label), sites=sites, path=path)
+
+
+def _table(data: Mapping[str, Any], key: str, label: str,
+           required: bool = False) -> Mapping[str, Any]:
+    value = data.get(key)
+    if value is None:
+        if required:
+            raise ConfigError(f"{label}: needs a [{key}] table")
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{label}: {key} must be a table ([{key}])")
+    return value
+
+
+def _known(table: Mapping[str, Any], allowed: Sequence[str], label: str, where: str) -> None:
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{label}: {where} has unknown keys {unknown}; allowed: "
+                          f"{list(allowed)}")
+
+
+def _path(value: object, key: str, base: Path, label: str) -> Path:
+    """A configured path made absolute: a relative one must stay inside ``base``."""
+    if not isinstance(value, str) or not value.strip() or "\x00" in value:
+        raise ConfigError(f"{label}: {key} must be a file path")
+    given = Path(value).expanduser()
+    if given.is_absolute():
+        return given
+    resolved = (base / given).resolve()
+    if not resolved.is_relative_to(base.resolve()):
+        raise ConfigError(f"{label}: {key} leaves the configuration's folder; give a path "
+                          "inside it, or an absolute path")
+    return resolved
+
+
+def _anchored(source: Source, base: Path, label: str) -> Source:
+    """The source with its file path checked and made absolute like every other path."""
+    if isinstance(source, CsvSource):  # also Parquet
+        return replace(source, path=str(_path(source.path, "source.path", base, label)))
+    if isinstance(source, SqlSource) and source.url.startswith("sqlite:///"):
+        rest = source.url[len("sqlite:///"):]
+        if rest and not rest.startswith("/") and not rest.startswith(":memory:"):
+            return replace(source, url=f"sqlite:///{_path(rest, 'source.url', base, label)}")
+    return source
+
+
+def _trust(table: Mapping[str, Any], base: Path, label: str) -> SiteTrust:
+    _known(table, TRUST_KEYS, label, "[trust]")
+    jwks_path = _path(table.get("verifier_jwks"), "trust.verifier_jwks", base, label)
+    try:
+        jwks = json.loads(jwks_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{label}: trust.verifier_jwks: {jwks_path} does not exist; copy "
+                          "the platform verifier's published JWKS there") from None
+    except (ValueError, OSError):
+        raise ConfigError(f"{label}: trust.verifier_jwks: {jwks_path} is not a JSON file") \
+            from None
+    keys = jwks.get("keys") if isinstance(jwks, dict) else None
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, dict) for k in keys):
+        raise ConfigError(f"{label}: trust.verifier_jwks: {jwks_path} is not a JWKS (an "
+                          "object with a non-empty list of keys)")
+    issuer = table.get("issuer", ISSUER)
+    if not isinstance(issuer, str) or not issuer.strip():
+        raise ConfigError(f"{label}: trust.issuer must be the verifier's issuer URL")
+    images = table.get("approved_images")
+    if (not isinstance(images, list)
+            or not all(isinstance(i, str) and i.startswith("sha256:") for i in images)):
+        raise ConfigError(f"{label}: trust.approved_images must be a list of image digests "
+                          "(\"sha256:...\"; python -m pets_widgets attest digest prints one)")
+    allow_debug = table.get("allow_debug", False)
+    if not isinstance(allow_debug, bool):
+        raise ConfigError(f"{label}: trust.allow_debug must be true or false")
+    return SiteTrust(jwks, tuple(images), issuer, allow_debug)
+
+
+def _floors(table: Mapping[str, Any], label: str) -> Floors:
+    _known(table, FLOOR_KEYS, label, "[floor]")
+    default = Floors()
+    k = table.get("k", default.k)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"{label}: floor.k must be a positive integer (the smallest "
+                          "suppression threshold this site accepts)")
+    min_subset = table.get("min_subset", default.min_subset)
+    if isinstance(min_subset, bool) or not isinstance(min_subset, int) or min_subset < 0:
+        raise ConfigError(f"{label}: floor.min_subset must be a whole number of patients")
+    numbers = {}
+    for key in ("max_epsilon", "lifetime_epsilon"):
+        value = table.get(key, getattr(default, key))
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not 0 < value < float("inf")):
+            raise ConfigError(f"{label}: floor.{key} must be a positive number")
+        numbers[key] = float(value)
+    breakdown = table.get("allow_site_breakdown", default.allow_site_breakdown)
+    if not isinstance(breakdown, bool):
+        raise ConfigError(f"{label}: floor.allow_site_breakdown must be true or false")
+    return Floors(k, numbers["max_epsilon"], min_subset, numbers["lifetime_epsilon"], breakdown)
+
+
+# --------------------------------------------------------------------------- opening a site
+def load_signing_key(path: Path) -> SigningKey:
+    """The site's long-term Ed25519 key: read from ``path``, or created there (mode 0600)."""
+    if path.exists():
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (ValueError, TypeError):
+            raise ConfigError(f"signing_key: {path} is not an unencrypted PEM private key") \
+                from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError(f"signing_key: {path} does not hold an Ed25519 private key")
+        return SigningKey(key)
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+    return SigningKey(key)
+
+
+def open_site(config: SiteConfiguration) -> Site:
+    """The site of ``config``: its rows loaded and checked, its key, budget, floors and trust.
+
+    Raises :class:`DataValidationError` when the rows do not match the dictionary and
+    :class:`ConfigError` for an unusable key file.
+    """
+    schema = config.schema
+    rows = config.source.load(schema, config.name, config.capacity)
+    site = Site(config.name, rows, schema, config.source.population(config.name),
+                config.capacity,
+                signing_key=load_signing_key(config.signing_key), floors=config.floors,
+                budget=SiteBudget(config.budget, config.floors.lifetime_epsilon))
+    site.enroll(config.trust)
+    return site
+
+
+# --------------------------------------------------------------------------- writing one
+def write_site_config(folder: str | os.PathLike[str], name: str, source: Mapping[str, Any], *,
+                      sites: Sequence[str] | None = None, capacity: int = DEFAULT_CAPACITY,
+                      verifier_jwks: Mapping[str, Any] | None = None, issuer: str = ISSUER,
+                      approved_images: Sequence[str] = (), allow_debug: bool = False,
+                      floors: Floors | None = None,
+                      signing_key: str = "signing-key.pem") -> Path:
+    """Write a starting site configuration (``site.toml``) in ``folder`` and return its path.
+
+    ``source`` is the ``[source]`` table (``{"kind": "csv", "path": ...}``); ``verifier_jwks``,
+    when given, is written beside it as ``verifier-jwks.json`` (what an operator copies from
+    the platform). An existing ``site.toml`` is never overwritten. The key file is not
+    created here: :func:`open_site` creates it (0600) the first time the site opens.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / FILE_NAME
+    if path.exists():
+        raise ConfigError(f"{path} already exists; move it away or choose another folder")
+    if verifier_jwks is not None:
+        (folder / "verifier-jwks.json").write_text(json.dumps(verifier_jwks, indent=2) + "\n",
+                                                   encoding="utf-8")
+    floors = floors or Floors()
+    text = _TEMPLATE.format(
+        name=_toml(name), capacity=int(capacity), sites=_toml(list(sites or [name])),
+        signing_key=_toml(signing_key),
+        source="\n".join(f"{k} = {_toml(v)}" for k, v in source.items() if v is not None),
+        issuer=_toml(issuer), images=_toml(list(approved_images)),
+        allow_debug=_toml(allow_debug), k=floors.k, max_epsilon=_toml(floors.max_epsilon),
+        min_subset=floors.min_subset, lifetime=_toml(floors.lifetime_epsilon),
+        breakdown=_toml(floors.allow_site_breakdown))
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _toml(value: object) -> str:
+    """A TOML literal: JSON's strings, numbers and arrays are TOML's too."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return json.dumps(value)
+
+
+_TEMPLATE = """\
+# Site configuration of registry {name}: held by the registry, never sent by a coordinator.
+# Check it with:  python -m pets_widgets site check --config site.toml
+name = {name}
+# A public bound on the site's number of patients (it sizes the encrypted encoding).
+capacity = {capacity}
+# The site's Ed25519 signing key (created with mode 0600 if missing).
+signing_key = {signing_key}
+# The epsilon released over this site's data so far, against floor.lifetime_epsilon.
+budget = "site-budget.sqlite"
+
+[dictionary]
+# The study's sites, as its data dictionary lists them.
+sites = {sites}
+
+[source]
+# synthetic (seed, size) | csv or parquet (path) | sql (url, and table or query)
+{source}
+
+[trust]
+# The platform verifier's public keys (JWKS), copied from the platform and pinned here.
+verifier_jwks = "verifier-jwks.json"
+issuer = {issuer}
+# Enclave image digests this site's governance approved (python -m pets_widgets attest digest).
+approved_images = {images}
+# Debug enclaves (noiseless test doors) are refused unless this is true.
+allow_debug = {allow_debug}
+
+[floor]
+# The least this site accepts from any enclave policy, and its own limits.
+k = {k}
+max_epsilon = {max_epsilon}
+min_subset = {min_subset}
+# Total epsilon this site lets be released over its data, ever.
+lifetime_epsilon = {lifetime}
+# May this site's numbers be shown on their own (grouped or filtered by site)?
+allow_site_breakdown = {breakdown}
+"""
