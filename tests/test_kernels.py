@@ -96,6 +96,7 @@ def test_kernel_sites_run_in_their_own_kernels_over_curve(kfed2):
     assert list(status.index) == ["NDRS", "NCI"]
     assert status["alive"].all() and (status["backend"] == "kernel").all()
     assert (status["rows"] == SMALL_ROWS).all()
+    assert (status["epsilon_left"] > 0).all()  # asked of each site's own budget
     assert status.loc["NDRS", "key_fingerprint"] == sites[0].verify_key.fingerprint
     assert kfed2.start_seconds < 60
 

@@ -11,8 +11,14 @@ import pets_widgets as pw
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+def section(title: str) -> str:
+    """The README text under a heading, up to the next heading."""
+    text = README.read_text().split(title, 1)[1]
+    return re.split(r"^#{2,4} ", text, maxsplit=1, flags=re.M)[0]
+
+
 def test_readme_policy_table_matches_the_code():
-    text = README.read_text()
+    text = section("### The release policy")
     published = dict(re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", text, flags=re.M))
     policy = pw.Policy()
     fields = {f.name for f in dataclasses.fields(policy)}
@@ -29,3 +35,13 @@ def test_readme_quick_start_has_exactly_two_commands_and_ci_runs_the_test_one():
     ci = (README.parent / ".ci" / "run").read_text()
     test_command = next(c for c in commands if "test" in c)
     assert test_command in ci
+
+
+def test_readme_site_configuration_table_names_every_key():
+    from pets_widgets.site import config
+
+    text = section("#### The site configuration")
+    named = set(re.findall(r"`(?:\[(\w+)\] )?(\w+)`", text))
+    published = {key for _, key in named} | {table for table, _ in named if table}
+    keys = {*config.TOP_KEYS, *config.TRUST_KEYS, *config.FLOOR_KEYS}
+    assert keys <= published, keys - published

@@ -1,4 +1,4 @@
-"""Site configuration files (TOML): which sites, on which backend, with which data.
+"""Federation configuration files (TOML): which sites, on which backend, with which data.
 
 Example (``examples/sites.toml`` is a complete one)::
 
@@ -22,7 +22,15 @@ Example (``examples/sites.toml`` is a complete one)::
     backend = "gateway"
     url = "http://10.0.0.5:8888/"
     token_env = "PETS_SIOP_TOKEN"     # the NAME of the variable holding the token
-    source = { kind = "sql", url = "sqlite:////data/registry.sqlite", table = "registry" }
+    config = "/etc/pets/siop/site.toml"   # the registry's own file, on the gateway's machine
+
+Each site either names the registry's own site configuration (``config``, see
+:mod:`pets_widgets.site.config`), which decides its source, signing key, trust and floors,
+or gives a ``source``, from which a site configuration is generated for this run (pinning
+this run's verifier, approving this code's enclave image, default floors). ``[federation]
+verifier`` is a folder holding the platform verifier's key and its published JWKS, kept
+across runs so that registries can pin it. A generated configuration is written on this
+machine, so a ``gateway`` site given only a source works with a gateway on this machine only.
 
 Sources: ``synthetic`` (seed, size, optional cases_per_year, loss_to_follow_up), ``csv`` and
 ``parquet`` (path), ``sql`` (an SQLAlchemy url, and a table or a fixed query). Paths of
@@ -30,7 +38,7 @@ Sources: ``synthetic`` (seed, size, optional cases_per_year, loss_to_follow_up),
 reads its source on the gateway's machine, so give paths as that machine sees them. A token
 never appears in the file: the file names the environment variable that holds it.
 Per-site keys: ``timeout``, ``start_timeout``, ``kernel_name`` (default python3),
-``key_file`` (where the site kernel keeps its signing key across restarts) and
+``key_file`` (where a generated site configuration keeps the signing key) and
 ``population``: a CSV file of the site's public person-years (columns ``diagnosis_year``,
 ``sex``, ``age_band``, ``person_years``; a ``site`` column is optional), read by the
 coordinator (so relative to this file for every backend) for incidence rates. Synthetic

@@ -199,7 +199,8 @@ class RemoteSite:
                 raise SiteIntegrityError(self.name, str(exc)) from None
 
     def status(self) -> dict[str, Any]:
-        """Liveness (asks the transport, not the kernel), size rounded to 100, state, cause."""
+        """Liveness (asked of the transport), size rounded to 100, state, cause, and the
+        epsilon the site has answered for and has left (asked of the site itself)."""
         alive = False
         if self.state in ("up", "down"):
             try:
@@ -208,8 +209,14 @@ class RemoteSite:
                 alive = False
         if self.state == "up" and not alive:
             self._mark_down("the kernel is not running")
-        return {"alive": alive, "rows": self.rows_rounded, "state": self.state,
-                "detail": self.cause}
+        info: dict[str, Any] = {"alive": alive, "rows": self.rows_rounded, "state": self.state,
+                                "detail": self.cause}
+        if self.state == "up" and alive:
+            with self._lock, contextlib.suppress(SiteError):
+                budget = self._call("status", {}, self.timeout)
+                info.update(epsilon_used=budget.get("epsilon_used"),
+                            epsilon_left=budget.get("epsilon_left"))
+        return info
 
     def close(self) -> None:
         """Stop the kernel (gracefully when it answers); safe to call twice."""
