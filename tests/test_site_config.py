@@ -252,3 +252,20 @@ def test_demo_sites_are_opened_from_generated_site_configurations(fresh_fed):
         config = load_site_config(site.config)
         assert config.name == site.name and config.trust.allow_debug  # a test federation
         assert config.trust.approved_images == (fresh_fed.enclave.image_digest,)
+
+
+def test_a_site_kernel_says_nothing_of_what_is_at_a_path_it_is_given(tmp_path):
+    """A start call names a configuration file; its reply must not tell whether that path
+    exists or what it holds (the coordinator chose the path)."""
+    import base64
+
+    from pets_widgets.site import kernel_entry
+
+    def start(path):
+        message = json.dumps({"op": "start", "args": {"config": str(path)}})
+        return kernel_entry.dispatch(base64.b64encode(message.encode()).decode())
+
+    replies = [start(p) for p in ("/etc/os-release", tmp_path / "nothing.toml", tmp_path)]
+    assert all(not r["ok"] and r["error"] == "ConfigError" for r in replies)
+    assert len({r["message"] for r in replies}) == 1
+    assert "os-release" not in replies[0]["message"] and "site check" in replies[0]["message"]

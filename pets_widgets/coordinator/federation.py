@@ -32,6 +32,7 @@ from pets_widgets.core.analyst import resolve_analyst
 from pets_widgets.core.budget import Budget
 from pets_widgets.core.errors import (
     AttestationError,
+    DataValidationError,
     IntegrityError,
     PetsError,
     QueryValidationError,
@@ -369,7 +370,10 @@ def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | o
         if sc.backend == "local":
             site_config = load_site_config(site_file)
             _check_member(site_config, sc.name, schema.sites, capacity)
-            site = open_site(site_config)
+            try:
+                site = open_site(site_config)
+            except DataValidationError as exc:  # what leaves a site: rules and counts
+                raise exc.counted() from None
             backends.append(LocalSite(site, source=site_config.source, population=population,
                                       config=site_config.path))
             continue

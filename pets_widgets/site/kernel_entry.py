@@ -35,7 +35,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pets_widgets.core.errors import DataValidationError, PetsError, QueryValidationError
+from pets_widgets.core.errors import (
+    ConfigError,
+    DataValidationError,
+    PetsError,
+    QueryValidationError,
+)
 from pets_widgets.site.site import Site
 
 #: The only code a coordinator runs in a site kernel; ``{payload}`` is base64 text.
@@ -118,7 +123,12 @@ def _start(args: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(path, str) or set(args) != {"config"}:
         raise QueryValidationError("call.args", "start needs only config, the path of the "
                                    "site's own configuration file", ["config"])
-    config = load_site_config(path)
+    try:
+        config = load_site_config(path)
+    except ConfigError:
+        # The path came in a call: say nothing of what is (or is not) at it.
+        raise ConfigError("the site's configuration cannot be used here; its operator sees "
+                          "why with: python -m pets_widgets site check") from None
     site = open_site(config)
     _STATE["site"] = site
     return {"name": site.name, "sites": list(config.sites),
