@@ -161,9 +161,8 @@ def test_differencing_success_is_bounded_by_epsilon(neighbouring_worlds, tmp_pat
     epsilon, trials_per_ledger, n_ledgers = 1.0, 10, 12
     guesses: dict[bool, list[bool]] = {True: [], False: []}
     for present, frames in ((True, world_in), (False, world_out)):
-        fed = _federation(frames, tmp_path / f"w{present}-0.sqlite")
         for ledger_no in range(n_ledgers):
-            fed.enclave.ledger = audit.Ledger(tmp_path / f"w{present}-{ledger_no}.sqlite")
+            fed = _federation(frames, tmp_path / f"w{present}-{ledger_no}.sqlite")
             for t in range(trials_per_ledger):
                 # nudging epsilon makes a new, fully charged release (the only way to get
                 # fresh noise); every analyst and the federation stay within their budgets

@@ -128,3 +128,13 @@ def test_margin_intervals_allow_for_clamping_bias():
     lo, hi = _margin_bounds(table, 1.0, 3)
     assert _clamp_bias(1.0) == pytest.approx(0.4255, abs=1e-3)
     assert hi[-1, -1] > hi[0, 0] and lo[-1, -1] == 0
+
+
+def test_the_enclave_ledger_cannot_be_swapped_for_a_fresh_one(fresh_fed, tmp_path):
+    """A second ledger would split the budget and the stored releases between two files
+    (the gatekeeper would charge one while repeats were looked up in the other)."""
+    from pets_widgets.enclave import ledger as audit
+
+    with pytest.raises(AttributeError):
+        fresh_fed.enclave.ledger = audit.Ledger(tmp_path / "fresh.sqlite")
+    assert fresh_fed.ledger is fresh_fed.enclave._gate.ledger

@@ -58,7 +58,7 @@ class Enclave:
         self.schema = schema
         self.key_bits = key_bits
         self.site_capacity = site_capacity
-        self.ledger = ledger
+        self._ledger = ledger
         self._decryptor = Decryptor(key_bits)
         self.public_key = self._decryptor.public_key
         self.key_fingerprint = self._decryptor.key_fingerprint
@@ -71,6 +71,12 @@ class Enclave:
         self._releaser = Releaser(schema, self._gate, self._decryptor)
         ledger.set_meta("policy", json.dumps(self.policy.to_dict(), sort_keys=True))
         ledger.set_meta("image_digest", self.image_digest)
+
+    @property
+    def ledger(self) -> audit.Ledger:
+        """The audit log and budget this enclave was started with (fixed for its life: a
+        second ledger would split the budget and the stored releases between two files)."""
+        return self._ledger
 
     @property
     def policy(self) -> Policy:
