@@ -14,7 +14,7 @@ import pets_widgets as pw
 from pets_widgets.__main__ import main
 from pets_widgets.platform.measurement import expected_image_digest
 from pets_widgets.platform.verifier import PlatformVerifier
-from pets_widgets.site.config import load_site_config, write_site_config
+from pets_widgets.site.config import DEFAULT_CAPACITY, load_site_config, write_site_config
 from pets_widgets.site.operator import FAILED, OK, UNUSABLE, check_site, verify_token_file
 
 from .attest import expired, real_request, resigned
@@ -51,7 +51,7 @@ def test_a_written_configuration_reads_back_with_absolute_paths(tmp_path):
 
 
 @pytest.mark.parametrize("old, new, key", [
-    ('capacity = 50000', 'capacity = -3', "capacity"),
+    (f'capacity = {DEFAULT_CAPACITY}', 'capacity = -3', "capacity"),
     ('k = 5', 'k = 0', "floor.k"),
     ('k = 5', 'k = 5\nkk = 1', "[floor] has unknown keys ['kk']"),
     ('max_epsilon = 1.0', 'max_epsilon = "one"', "floor.max_epsilon"),
@@ -88,7 +88,7 @@ def test_a_relative_data_path_may_not_leave_the_folder_but_an_absolute_one_may(t
 def test_site_init_writes_a_configuration_and_a_private_key(tmp_path, capsys):
     PlatformVerifier.open(tmp_path / "platform")
     status = main(["site", "init", str(tmp_path / "ndrs"), "--name", "NDRS", "--sites",
-                   "NDRS,NCI", "--synthetic", "seed=7,size=900",
+                   "NDRS,NCI", "--synthetic", "seed=7,size=900", "--capacity", "900",
                    "--verifier-jwks", str(tmp_path / "platform" / "verifier-jwks.json")])
     out = capsys.readouterr().out
     assert status == OK and "site check" in out
@@ -97,7 +97,7 @@ def test_site_init_writes_a_configuration_and_a_private_key(tmp_path, capsys):
     config = load_site_config(tmp_path / "ndrs" / "site.toml")
     assert config.capacity == 900 and config.trust.approved_images == (expected_image_digest(),)
     assert main(["site", "init", str(tmp_path / "ndrs"), "--name", "NDRS", "--synthetic",
-                 "seed=1"]) == UNUSABLE  # never overwrites a site's configuration
+                 "seed=1,size=10"]) == UNUSABLE  # never overwrites a site's configuration
     assert "already exists" in capsys.readouterr().out
     assert main(["site", "check", "--config", str(tmp_path / "ndrs" / "site.toml")]) == OK
     out = capsys.readouterr().out
@@ -265,7 +265,44 @@ def test_a_site_kernel_says_nothing_of_what_is_at_a_path_it_is_given(tmp_path):
         message = json.dumps({"op": "start", "args": {"config": str(path)}})
         return kernel_entry.dispatch(base64.b64encode(message.encode()).decode())
 
-    replies = [start(p) for p in ("/etc/os-release", tmp_path / "nothing.toml", tmp_path)]
+    paths = ("/etc/os-release", tmp_path / "nothing.toml", tmp_path, "/etc/passwd/x",
+             "/etc/hostname\x00", "/root/.ssh/id_rsa")
+    replies = [start(p) for p in paths]
     assert all(not r["ok"] and r["error"] == "ConfigError" for r in replies)
     assert len({r["message"] for r in replies}) == 1
     assert "os-release" not in replies[0]["message"] and "site check" in replies[0]["message"]
+
+
+@pytest.mark.parametrize("old, new, key", [
+    ('signing_key = "signing-key.pem"', 'signing_key = "."', "signing_key"),
+    ('signing_key = "signing-key.pem"', 'signing_key = "sub/k.pem"', "signing_key"),
+    ('budget = "site-budget.sqlite"', 'budget = "sub/b.sqlite"', "budget"),
+])
+def test_an_unusable_key_or_budget_file_is_a_config_error_naming_it(tmp_path, old, new, key):
+    from pets_widgets.site.config import open_site
+
+    config = load_site_config(edited(site_file(tmp_path), old, new))
+    with pytest.raises(pw.ConfigError, match=key):
+        open_site(config)
+
+
+def test_a_jwks_that_pyjwt_cannot_use_is_refused_when_the_file_is_read(tmp_path):
+    path = site_file(tmp_path)
+    jwks = json.loads((path.parent / "verifier-jwks.json").read_text())
+    jwks["keys"][0]["kid"] = ["a", "list"]
+    (path.parent / "verifier-jwks.json").write_text(json.dumps(jwks))
+    with pytest.raises(pw.ConfigError, match=r"trust\.verifier_jwks"):
+        load_site_config(path)
+
+
+def test_a_sqlite_url_with_a_driver_is_kept_inside_the_folder_too(tmp_path):
+    path = site_file(tmp_path, source={"kind": "sql", "table": "registry",
+                                       "url": "sqlite+pysqlite:///../../x.sqlite"})
+    with pytest.raises(pw.ConfigError, match=r"source\.url leaves"):
+        load_site_config(path)
+
+
+def test_site_init_refuses_a_site_list_without_its_own_name(tmp_path, capsys):
+    assert main(["site", "init", str(tmp_path / "x"), "--name", "X", "--sites", "A,B",
+                 "--synthetic", "seed=1,size=10"]) == UNUSABLE
+    assert "--sites" in capsys.readouterr().out and not (tmp_path / "x").exists()

@@ -78,8 +78,14 @@ def test_a_token_signed_by_another_key_is_refused(fresh_fed):
     (lambda c: c["submods"]["pets_widgets"]["policy"].update(max_epsilon=5.0),
      "floor.max_epsilon"),
     (lambda c: c["submods"]["pets_widgets"]["policy"].update(min_subset=0), "floor.min_subset"),
+    (lambda c: c.update(iat=c["iat"] + 3600), "trust.not_yet_valid"),
+    (lambda c: c.update(exp=float("inf")), "trust.claims"),
+    (lambda c: c.update(exp=True), "trust.claims"),
+    (lambda c: c.update(exp=c["iat"] + 30 * 24 * 3600), "trust.expired"),
+    (lambda c: c.update(aud=["NDRS", "NCI"]), "trust.audience"),
 ], ids=["audience", "expired", "issuer", "no-nonce", "binding", "image", "dictionary",
-        "floor-k", "floor-epsilon", "floor-subset"])
+        "floor-k", "floor-epsilon", "floor-subset", "iat-future", "exp-infinite", "exp-bool",
+        "lives-a-month", "two-audiences"])
 def test_a_token_with_a_wrong_claim_is_refused_by_name(fresh_fed, change, rule):
     site = site_of(fresh_fed)
     _, request = real_request(fresh_fed, site, SPEC)

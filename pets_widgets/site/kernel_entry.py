@@ -125,7 +125,7 @@ def _start(args: dict[str, Any]) -> dict[str, Any]:
                                    "site's own configuration file", ["config"])
     try:
         config = load_site_config(path)
-    except ConfigError:
+    except Exception:
         # The path came in a call: say nothing of what is (or is not) at it.
         raise ConfigError("the site's configuration cannot be used here; its operator sees "
                           "why with: python -m pets_widgets site check") from None

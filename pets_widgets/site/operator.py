@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from pets_widgets.core.errors import ConfigError, DataValidationError
-from pets_widgets.core.packing import capacity_for
 from pets_widgets.site.config import (
     DEFAULT_CAPACITY,
     SiteConfiguration,
@@ -77,13 +76,14 @@ def init_site(folder: str | os.PathLike[str], name: str, source: Mapping[str, An
             raise ConfigError(f"--verifier-jwks: {verifier_jwks} is not a readable JSON "
                               "file") from None
     if capacity is None:
-        size = source.get("size")
-        capacity = capacity_for(size) if isinstance(size, int) else DEFAULT_CAPACITY
+        capacity = DEFAULT_CAPACITY
     path = write_site_config(folder, name, source, sites=sites, capacity=capacity,
                              verifier_jwks=jwks, approved_images=approved_images)
     key = load_signing_key(path.parent / "signing-key.pem")
     report = Report([f"wrote {path}", f"signing key {path.parent / 'signing-key.pem'} "
-                     f"(mode 0600), fingerprint {key.public.fingerprint}"])
+                     f"(mode 0600), verify key {key.public.to_bytes().hex()}",
+                     f"capacity {capacity:,}: the study's public bound on any one site's "
+                     "size; every site of the study must use the same"])
     if jwks is None:
         report.lines.append(f"next: copy the platform verifier's JWKS to "
                             f"{path.parent / 'verifier-jwks.json'}")

@@ -24,6 +24,8 @@ from pets_widgets.core.packing import DEFAULT_SITE_CAPACITY
 from pets_widgets.site import synthetic
 from pets_widgets.site.validation import validate_rows
 
+#: An SQLAlchemy URL of an SQLite file (any driver): its prefix and the path after it.
+SQLITE_FILE = re.compile(r"^(sqlite(?:\+\w+)?:///)(.*)$")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 
 
@@ -228,8 +230,10 @@ def anchored(source: Source, base: Path) -> Source:
     folder)."""
     if isinstance(source, CsvSource):  # also Parquet
         return replace(source, path=str(base / source.path))
-    if isinstance(source, SqlSource) and source.url.startswith("sqlite:///"):
-        rest = source.url[len("sqlite:///"):]
-        if rest and not rest.startswith("/") and not rest.startswith(":memory:"):
-            return replace(source, url=f"sqlite:///{base / rest}")
+    if isinstance(source, SqlSource):
+        local = SQLITE_FILE.match(source.url)
+        if local is not None:
+            prefix, rest = local.groups()
+            if rest and not rest.startswith("/") and not rest.startswith(":memory:"):
+                return replace(source, url=f"{prefix}{base / rest}")
     return source

@@ -10,6 +10,7 @@ nothing else: no value, no claim contents.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ from pets_widgets.core.evidence import (
     DEBUG_DISABLED,
     ISSUER,
     REQUIRED_CLAIMS,
+    TOKEN_SECONDS,
     AdmissionClaims,
     key_binding,
 )
@@ -84,6 +86,10 @@ class VerifiedToken:
     dictionary: str
     policy: Mapping[str, Any] = field(default_factory=dict)
     debug: bool = False
+
+
+#: Seconds a site tolerates between its clock and the verifier's.
+CLOCK_SKEW = 60.0
 
 
 @dataclass(frozen=True)
@@ -180,17 +186,20 @@ def token_checks(token: str, *, site: str, nonce: str | None, public_key_n: int 
         ok = False
     if not checks.check("trust.format", ok):
         return checks.finish(), None
-    keys = {k.get("kid"): k for k in trust.verifier_jwks.get("keys", ())}
+    keys = {k.get("kid"): k for k in trust.verifier_jwks.get("keys", ())
+            if isinstance(k, dict) and isinstance(k.get("kid"), str)}
+    if not isinstance(kid, str):
+        kid = None
     claims: dict[str, Any] = {}
     if kid in keys:
         try:
-            key = jwt.PyJWK.from_dict(dict(keys[kid])).key
+            key = jwt.PyJWK.from_dict(dict(keys[kid]), algorithm="ES256").key
             claims = jwt.decode(token, key, algorithms=["ES256"],
                                 options={"verify_exp": False, "verify_nbf": False,
                                          "verify_iat": False, "verify_aud": False,
                                          "verify_iss": False, "require": []})
             signed = True
-        except jwt.InvalidTokenError:
+        except (jwt.PyJWTError, ValueError, TypeError):
             signed = False
     else:
         signed = False
@@ -198,16 +207,24 @@ def token_checks(token: str, *, site: str, nonce: str | None, public_key_n: int 
                         "it is signed by a key the site did not pin"):
         return checks.finish(), None
     audience = claims.get("aud")
-    times = [claims.get(c) for c in ("nbf", "exp", "iat")]
-    timed = all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times)
     for rule, passed in (
             ("trust.issuer", claims.get("iss") == trust.issuer),
             ("trust.audience", audience == site or (isinstance(audience, list)
-                                                    and audience == [site])),
-            ("trust.not_yet_valid", timed and times[0] <= when),  # type: ignore[operator]
-            ("trust.expired", timed and when < times[1])):  # type: ignore[operator]
+                                                    and audience == [site]))):
         if not checks.check(rule, passed):
             return checks.finish(), None
+    times = [claims.get(c) for c in ("nbf", "iat", "exp")]
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
+               for t in times):
+        checks.check("trust.claims", False, "its nbf, iat and exp are not all finite numbers")
+        return checks.finish(), None
+    nbf, iat, exp = (float(t) for t in times)  # type: ignore[arg-type]
+    if not checks.check("trust.not_yet_valid", nbf <= when and iat <= when + CLOCK_SKEW):
+        return checks.finish(), None
+    # A token lives TOKEN_SECONDS: a longer-lived one is not the verifier's.
+    if not checks.check("trust.expired", when < exp and exp - iat <= TOKEN_SECONDS
+                        + CLOCK_SKEW):
+        return checks.finish(), None
     try:
         missing = [c for c in REQUIRED_CLAIMS if c not in claims]
         token_nonce, binding = claims["eat_nonce"]
