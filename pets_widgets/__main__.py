@@ -33,6 +33,10 @@ def site_command(args: argparse.Namespace) -> int:
     from pets_widgets.platform.measurement import expected_image_digest
     from pets_widgets.site import operator
 
+    if args.site_command == "serve":
+        from pets_widgets.site.serve import serve
+
+        return serve(args.config, args.host, args.port)
     if args.site_command == "check":
         report = operator.check_site(args.config)
     else:
@@ -124,6 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_init.add_argument("--approve", metavar="DIGEST", action="append",
                         help="an enclave image digest to approve (default: the installed "
                              "enclave with the default policy, as attest digest prints)")
+    p_serve = site.add_parser("serve", help="run the site service (fixed routes GET /status "
+                              "and POST /aggregate, on Kernel Gateway) until Ctrl-C")
+    p_serve.add_argument("--config", required=True, metavar="SITE.toml")
+    p_serve.add_argument("--host", default="127.0.0.1")
+    p_serve.add_argument("--port", type=int, default=None, help="default: a free port")
     p_check = site.add_parser("check", help="validate a site configuration and its data "
                               "(rules and counts only, never rows or values)")
     p_check.add_argument("--config", required=True, metavar="SITE.toml")

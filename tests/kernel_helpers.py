@@ -25,7 +25,7 @@ import psutil
 from pets_widgets.coordinator.remote import RemoteSite
 from pets_widgets.ui.serve import free_port
 
-MARKERS = ("ipykernel", "kernelgateway")
+MARKERS = ("ipykernel", "kernelgateway", "site serve")
 
 
 def kernel_children() -> list[psutil.Process]:

@@ -63,9 +63,13 @@ from pets_widgets.core.packing import DEFAULT_SITE_CAPACITY
 from pets_widgets.core.paillier import ALLOWED_KEY_BITS
 from pets_widgets.site.sources import Source, anchored, source_from_dict
 
-BACKENDS = ("local", "kernel", "gateway")
+BACKENDS = ("local", "kernel", "gateway", "service")
 SITE_KEYS = ("name", "backend", "source", "config", "url", "token_env", "kernel_name",
-             "timeout", "start_timeout", "key_file", "population")
+             "timeout", "start_timeout", "key_file", "population", "verify_key", "ca_file",
+             "client_cert", "client_key")
+#: Keys of a ``service`` site: the coordinator holds a URL, a token's name and what it pins.
+SERVICE_KEYS = ("name", "backend", "url", "token_env", "verify_key", "ca_file", "client_cert",
+                "client_key", "timeout", "start_timeout", "population")
 FEDERATION_KEYS = ("key_bits", "timeout", "site_capacity", "ledger", "verifier")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -90,6 +94,12 @@ class SiteConfig:
     #: The registry's own site configuration file (:mod:`pets_widgets.site.config`), as the
     #: site's machine sees it; None: one is generated from ``source`` for this run.
     config: str | None = None
+    #: A ``service`` site: the hex Ed25519 key it signs with (pinned), the CA of its TLS
+    #: certificate, and this coordinator's client certificate and key (mutual TLS).
+    verify_key: str | None = None
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -195,6 +205,8 @@ def _site(raw: object, index: int, label: str, base: Path | None,
     backend = raw.get("backend", "kernel")
     if backend not in BACKENDS:
         raise ConfigError(f"{where}: backend {backend!r} is not one of {list(BACKENDS)}")
+    if backend == "service":
+        return _service_site(raw, name.strip(), where, base, default_timeout)
     # Paths of local and kernel sites are anchored at this file's folder; a gateway site's
     # are as the gateway's machine sees them.
     anchor = None if backend == "gateway" else base
@@ -244,6 +256,41 @@ def _site(raw: object, index: int, label: str, base: Path | None,
         start_timeout=_positive(raw.get("start_timeout", DEFAULT_START_TIMEOUT),
                                 f"{where}: start_timeout"),
         key_file=key_file, config=site_config)
+
+
+def _service_site(raw: Mapping[str, Any], name: str, where: str, base: Path | None,
+                  default_timeout: float) -> SiteConfig:
+    """A site service: its URL, the name of its token's variable, its pinned verify key and
+    TLS files; no source, key file or trust anchor (those are the registry's)."""
+    unknown = sorted(set(raw) - set(SERVICE_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: a service site takes only {list(SERVICE_KEYS)}; "
+                          f"remove {unknown} (the registry's own configuration decides them)")
+    url, token_env = raw.get("url"), raw.get("token_env")
+    if not isinstance(url, str) or not re.match(r"^https?://", url):
+        raise ConfigError(f"{where}: a service site needs url = \"http(s)://host:port/\"")
+    if not isinstance(token_env, str) or not _ENV_NAME.match(token_env):
+        raise ConfigError(f"{where}: a service site needs token_env, the name of the "
+                          "environment variable holding its token")
+    verify_key = raw.get("verify_key")
+    if not isinstance(verify_key, str) or not re.fullmatch(r"[0-9a-f]{64}", verify_key):
+        raise ConfigError(f"{where}: verify_key must be the site's Ed25519 verify key, 64 hex "
+                          "digits, as its registry published it (site serve prints it)")
+    files: dict[str, str | None] = {}
+    for key in ("ca_file", "client_cert", "client_key", "population"):
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ConfigError(f"{where}: {key} must be a file path")
+        files[key] = None if value is None else str(base / value) if base else value
+    if files["client_key"] is not None and files["client_cert"] is None:
+        raise ConfigError(f"{where}: client_key goes with client_cert")
+    return SiteConfig(
+        name=name, backend="service", source=None, url=url, token_env=token_env,
+        timeout=_positive(raw.get("timeout", default_timeout), f"{where}: timeout"),
+        start_timeout=_positive(raw.get("start_timeout", DEFAULT_START_TIMEOUT),
+                                f"{where}: start_timeout"),
+        population=files["population"], verify_key=verify_key, ca_file=files["ca_file"],
+        client_cert=files["client_cert"], client_key=files["client_key"])
 
 
 def read_population(path: str, site: str) -> pd.DataFrame:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ from pets_widgets.coordinator.config import (
     read_population,
     sites_of,
 )
+from pets_widgets.coordinator.service import ServiceSite, SiteProcess
 from pets_widgets.core import schema as S
 from pets_widgets.core.analyst import resolve_analyst
 from pets_widgets.core.budget import Budget
@@ -41,6 +43,7 @@ from pets_widgets.core.errors import (
     SiteIntegrityError,
     SiteRefusal,
 )
+from pets_widgets.core.net import free_port
 from pets_widgets.core.packing import capacity_for
 from pets_widgets.core.paillier import DEFAULT_KEY_BITS, PublicKey, add_encrypted, foreground
 from pets_widgets.core.policy import Policy
@@ -55,6 +58,7 @@ from pets_widgets.platform.verifier import PlatformVerifier
 from pets_widgets.site import synthetic
 from pets_widgets.site.config import (
     SiteConfiguration,
+    load_signing_key,
     load_site_config,
     open_site,
     write_site_config,
@@ -364,6 +368,16 @@ def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | o
     backends: list[Any] = []
     remote: list[Any] = []
     for sc in config.sites:
+        if sc.backend == "service":
+            service = (embedded_service(sc, generated) if sc.url is None else ServiceSite(
+                sc.name, sc.url, token_env=sc.token_env, verify_key=sc.verify_key,
+                sites=schema.sites, ca_file=sc.ca_file, client_cert=sc.client_cert,
+                client_key=sc.client_key, timeout=sc.timeout, start_timeout=sc.start_timeout,
+                population=(read_population(sc.population, sc.name)
+                            if sc.population is not None else None)))
+            backends.append(service)
+            remote.append(service)
+            continue
         site_file = sc.config or str(generated.write(sc))
         population = (read_population(sc.population, sc.name) if sc.population is not None
                       else None)
@@ -409,8 +423,10 @@ def _check_member(site: SiteConfiguration, name: str, sites: tuple[str, ...],
         raise SiteError(name, "its data dictionary lists other sites than the federation's",
                         rule="dictionary")
     if site.capacity != capacity:
-        raise SiteError(name, "its capacity differs from the federation's site_capacity "
-                              "(both are public bounds and must agree)", rule="capacity")
+        raise SiteError(name, f"its capacity ({site.capacity:,}) differs from the "
+                              f"federation's site_capacity ({capacity:,}); both are public "
+                              "bounds and every site of a study must use the same",
+                        rule="capacity")
 
 
 @dataclass(frozen=True)
@@ -426,7 +442,7 @@ class SiteDefaults:
     capacity: int
     sites: tuple[str, ...]
 
-    def write(self, entry: SiteConfig) -> Path:
+    def write(self, entry: SiteConfig, token_env: str = "PETS_SITE_TOKEN") -> Path:
         """A fresh folder (removed at interpreter exit) with the site's ``site.toml``."""
         assert entry.source is not None
         folder = Path(tempfile.mkdtemp(prefix="pets-site-config-"))
@@ -435,7 +451,27 @@ class SiteDefaults:
             folder, entry.name, entry.source.to_dict(), sites=self.sites,
             capacity=self.capacity, verifier_jwks=self.jwks, issuer=self.issuer,
             approved_images=(self.image,), allow_debug=self.allow_debug, floors=self.floors,
-            signing_key=entry.key_file or "signing-key.pem")
+            signing_key=entry.key_file or "signing-key.pem", token_env=token_env)
+
+
+def embedded_service(entry: SiteConfig, defaults: SiteDefaults) -> ServiceSite:
+    """A site service on 127.0.0.1 for ``entry``, started here as its operator would:
+    its configuration and key written first (the verify key is read from the key file and
+    pinned), then ``site serve`` in its own process with a fresh token in its environment.
+    """
+    path = defaults.write(entry, token_env=EMBEDDED_TOKEN_ENV)
+    key = load_signing_key(path.parent / "signing-key.pem")
+    token, port = secrets.token_hex(16), free_port()
+    process = SiteProcess(path, port, token, EMBEDDED_TOKEN_ENV,
+                          log=path.parent / "service.log")
+    return ServiceSite(entry.name, f"http://127.0.0.1:{port}", token=token,
+                       verify_key=key.public.to_bytes().hex(), sites=defaults.sites,
+                       timeout=entry.timeout, start_timeout=entry.start_timeout,
+                       source=entry.source, process=process)
+
+
+#: The variable an embedded site service reads its token from.
+EMBEDDED_TOKEN_ENV = "PETS_SITE_TOKEN"
 
 
 def demo_federation(seed: int = 7, n_sites: int = 2, rows_per_site: int | None = None, *,
@@ -461,10 +497,10 @@ def demo_federation(seed: int = 7, n_sites: int = 2, rows_per_site: int | None =
     the largest demo site's size rounded up to two significant figures and at least to the
     next hundred (:func:`~pets_widgets.core.packing.capacity_for`).
     """
-    if backend not in ("local", "kernel"):
+    if backend not in ("local", "kernel", "service"):
         raise QueryValidationError("backend", f"{backend!r} is not available for the demo "
                                    "(gateway sites need a configuration file: "
-                                   "Federation.from_config)", ["local", "kernel"])
+                                   "Federation.from_config)", ["local", "kernel", "service"])
     profiles = synthetic.profiles(n_sites, rows_per_site)
     if site_capacity is None:
         site_capacity = capacity_for(max(

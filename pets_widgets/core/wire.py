@@ -11,6 +11,7 @@ import hashlib
 import json
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from pets_widgets.core.errors import (
     IntegrityError,
@@ -97,6 +98,29 @@ class AggregateRequest:
             "public_key_n": format(self.public_key.n, "x"),
             "packing": self.packing.to_dict(),
         }, sort_keys=True)
+
+    def to_body(self) -> dict[str, Any]:
+        """The body of a site service's ``POST /aggregate``: the admission and the token."""
+        return {"admission": {"spec": self.spec.to_dict(),
+                              "public_key_n": format(self.public_key.n, "x"),
+                              "packing": self.packing.to_dict()},
+                "token": self.token}
+
+    @classmethod
+    def from_body(cls, body: object) -> AggregateRequest:
+        """Parse a ``POST /aggregate`` body: exactly ``admission`` and ``token``, nothing
+        else; the spec is validated again by the caller against its own dictionary."""
+        if not isinstance(body, dict) or set(body) != {"admission", "token"}:
+            raise QueryValidationError("body", "must be a JSON object with exactly admission "
+                                       "and token", ["admission", "token"])
+        admission = body["admission"]
+        if not isinstance(admission, dict) or set(admission) != {"spec", "public_key_n",
+                                                                  "packing"}:
+            raise QueryValidationError("admission", "must hold exactly spec, public_key_n and "
+                                       "packing", ["spec", "public_key_n", "packing"])
+        if not isinstance(body["token"], str):
+            raise QueryValidationError("token", "must be the attestation token (a JWT)")
+        return cls.from_json(json.dumps({**admission, "token": body["token"]}))
 
     @classmethod
     def from_json(cls, text: str) -> AggregateRequest:

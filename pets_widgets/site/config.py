@@ -33,31 +33,56 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sqlite3
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pets_widgets.core import schema as S
 from pets_widgets.core.errors import ConfigError
 from pets_widgets.core.evidence import ISSUER
+from pets_widgets.core.packing import DEFAULT_SITE_CAPACITY
 from pets_widgets.core.signing import SigningKey
 from pets_widgets.site.budget import SiteBudget
 from pets_widgets.site.site import Site
-from pets_widgets.site.sources import CsvSource, Source, SqlSource, source_from_dict
+from pets_widgets.site.sources import Source, anchored, source_from_dict
 from pets_widgets.site.trust import Floors, SiteTrust
 
 #: The file name ``site init`` writes and the site service looks for in a folder.
 FILE_NAME = "site.toml"
 TOP_KEYS = ("name", "capacity", "signing_key", "budget", "dictionary", "source", "trust",
-            "floor")
+            "floor", "service")
 TRUST_KEYS = ("verifier_jwks", "issuer", "approved_images", "allow_debug")
+SERVICE_KEYS = ("token_env", "certfile", "keyfile", "client_ca", "deadline", "max_body")
 FLOOR_KEYS = tuple(f.name for f in fields(Floors))
-DEFAULT_CAPACITY = 50_000
+#: The study's public bound on any one site's size, unless the site file says otherwise (the
+#: same default as a federation file's ``site_capacity``: every site of a study must agree).
+DEFAULT_CAPACITY = DEFAULT_SITE_CAPACITY
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """How ``site serve`` runs the site service (``[service]``).
+
+    ``token_env`` names the environment variable holding the service's token (never the
+    token itself); ``certfile`` and ``keyfile`` turn on TLS and ``client_ca`` requires client
+    certificates signed by that CA (mutual TLS); ``deadline`` is the most seconds the site
+    spends on one request and ``max_body`` the largest request body, in bytes.
+    """
+
+    token_env: str = "PETS_SITE_TOKEN"
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    client_ca: Path | None = None
+    deadline: float = 30.0
+    max_body: int = 8 * 2**20
 
 
 @dataclass(frozen=True)
@@ -77,6 +102,7 @@ class SiteConfiguration:
     floors: Floors
     sites: tuple[str, ...]
     path: Path
+    service: ServiceSettings = ServiceSettings()
 
     @property
     def schema(self) -> S.Schema:
@@ -95,15 +121,20 @@ def load_site_config(path: str | os.PathLike[str]) -> SiteConfiguration:
     ``floor.k``...) with what it allows. The pinned JWKS file is read now; the signing key
     and the data are not (see :func:`open_site`).
     """
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / FILE_NAME
+    try:
+        path = Path(path).expanduser()
+        if path.is_dir():
+            path = path / FILE_NAME
+    except (OSError, ValueError, TypeError):
+        raise ConfigError(f"{path!r}: not a site configuration path") from None
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such site configuration file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({type(exc).__name__})") from None
     return parse_site_config(data, path.resolve())
 
 
@@ -134,14 +165,15 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfiguration:
         source = source_from_dict(_table(data, "source", label, required=True))
     except ConfigError as exc:
         raise ConfigError(f"{label}: source: {exc}") from None
-    source = _anchored(source, base, label)
+    source = anchored(source, base, lambda path, key: _path(path, key, base, label))
     return SiteConfiguration(
         name=name, capacity=capacity,
         signing_key=_path(data.get("signing_key", "signing-key.pem"), "signing_key", base,
                           label),
         budget=_path(data.get("budget", "site-budget.sqlite"), "budget", base, label),
         source=source, trust=_trust(_table(data, "trust", label, required=True), base, label),
-        floors=_floors(_table(data, "floor", label), label), sites=sites, path=path)
+        floors=_floors(_table(data, "floor", label), label), sites=sites, path=path,
+        service=_service(_table(data, "service", label), base, label))
 
 
 def _table(data: Mapping[str, Any], key: str, label: str,
@@ -177,17 +209,6 @@ def _path(value: object, key: str, base: Path, label: str) -> Path:
     return resolved
 
 
-def _anchored(source: Source, base: Path, label: str) -> Source:
-    """The source with its file path checked and made absolute like every other path."""
-    if isinstance(source, CsvSource):  # also Parquet
-        return replace(source, path=str(_path(source.path, "source.path", base, label)))
-    if isinstance(source, SqlSource) and source.url.startswith("sqlite:///"):
-        rest = source.url[len("sqlite:///"):]
-        if rest and not rest.startswith("/") and not rest.startswith(":memory:"):
-            return replace(source, url=f"sqlite:///{_path(rest, 'source.url', base, label)}")
-    return source
-
-
 def _trust(table: Mapping[str, Any], base: Path, label: str) -> SiteTrust:
     _known(table, TRUST_KEYS, label, "[trust]")
     jwks_path = _path(table.get("verifier_jwks"), "trust.verifier_jwks", base, label)
@@ -197,24 +218,41 @@ def _trust(table: Mapping[str, Any], base: Path, label: str) -> SiteTrust:
         raise ConfigError(f"{label}: trust.verifier_jwks: {jwks_path} does not exist; copy "
                           "the platform verifier's published JWKS there") from None
     except (ValueError, OSError):
-        raise ConfigError(f"{label}: trust.verifier_jwks: {jwks_path} is not a JSON file") \
-            from None
-    keys = jwks.get("keys") if isinstance(jwks, dict) else None
-    if not isinstance(keys, list) or not keys or not all(isinstance(k, dict) for k in keys):
-        raise ConfigError(f"{label}: trust.verifier_jwks: {jwks_path} is not a JWKS (an "
-                          "object with a non-empty list of keys)")
+        raise ConfigError(f"{label}: trust.verifier_jwks: {jwks_path} is not a readable JSON "
+                          "file") from None
+    if not _valid_jwks(jwks):
+        raise ConfigError(f"{label}: trust.verifier_jwks: {jwks_path} is not the verifier's "
+                          "JWKS (an object with a non-empty list of EC P-256 keys, each with "
+                          "a string kid)")
     issuer = table.get("issuer", ISSUER)
     if not isinstance(issuer, str) or not issuer.strip():
         raise ConfigError(f"{label}: trust.issuer must be the verifier's issuer URL")
     images = table.get("approved_images")
     if (not isinstance(images, list)
-            or not all(isinstance(i, str) and i.startswith("sha256:") for i in images)):
+            or not all(isinstance(i, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", i)
+                       for i in images)):
         raise ConfigError(f"{label}: trust.approved_images must be a list of image digests "
                           "(\"sha256:...\"; python -m pets_widgets attest digest prints one)")
     allow_debug = table.get("allow_debug", False)
     if not isinstance(allow_debug, bool):
         raise ConfigError(f"{label}: trust.allow_debug must be true or false")
     return SiteTrust(jwks, tuple(images), issuer, allow_debug)
+
+
+def _valid_jwks(jwks: object) -> bool:
+    """A JWKS PyJWT reads, of ES256 (P-256) keys each named by a string ``kid``."""
+    keys = jwks.get("keys") if isinstance(jwks, dict) else None
+    if not isinstance(keys, list) or not keys:
+        return False
+    for key in keys:
+        if not isinstance(key, dict) or not isinstance(key.get("kid"), str):
+            return False
+        try:
+            if jwt.PyJWK.from_dict(key, algorithm="ES256").algorithm_name != "ES256":
+                return False
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+            return False
+    return True
 
 
 def _floors(table: Mapping[str, Any], label: str) -> Floors:
@@ -240,9 +278,44 @@ def _floors(table: Mapping[str, Any], label: str) -> Floors:
     return Floors(k, numbers["max_epsilon"], min_subset, numbers["lifetime_epsilon"], breakdown)
 
 
+def _service(table: Mapping[str, Any], base: Path, label: str) -> ServiceSettings:
+    _known(table, SERVICE_KEYS, label, "[service]")
+    default = ServiceSettings()
+    token_env = table.get("token_env", default.token_env)
+    if not isinstance(token_env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", token_env):
+        raise ConfigError(f"{label}: service.token_env must be the NAME of an environment "
+                          "variable holding the token (letters, digits, _)")
+    files = {key: None if table.get(key) is None
+             else _path(table[key], f"service.{key}", base, label)
+             for key in ("certfile", "keyfile", "client_ca")}
+    if (files["certfile"] is None) != (files["keyfile"] is None):
+        raise ConfigError(f"{label}: service.certfile and service.keyfile go together (TLS)")
+    if files["client_ca"] is not None and files["certfile"] is None:
+        raise ConfigError(f"{label}: service.client_ca needs TLS (certfile and keyfile)")
+    deadline = table.get("deadline", default.deadline)
+    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not (
+            0 < deadline <= 3600):
+        raise ConfigError(f"{label}: service.deadline must be seconds, more than 0 and at "
+                          "most 3600")
+    max_body = table.get("max_body", default.max_body)
+    if isinstance(max_body, bool) or not isinstance(max_body, int) or not (
+            2**10 <= max_body <= 2**30):
+        raise ConfigError(f"{label}: service.max_body must be bytes, from 1024 to 2**30")
+    return ServiceSettings(token_env, files["certfile"], files["keyfile"], files["client_ca"],
+                           float(deadline), max_body)
+
+
 # --------------------------------------------------------------------------- opening a site
 def load_signing_key(path: Path) -> SigningKey:
     """The site's long-term Ed25519 key: read from ``path``, or created there (mode 0600)."""
+    try:
+        return _signing_key(path)
+    except OSError as exc:
+        raise ConfigError(f"signing_key: {path} cannot be read or created "
+                          f"({type(exc).__name__})") from None
+
+
+def _signing_key(path: Path) -> SigningKey:
     if path.exists():
         try:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
@@ -269,10 +342,14 @@ def open_site(config: SiteConfiguration) -> Site:
     """
     schema = config.schema
     rows = config.source.load(schema, config.name, config.capacity)
+    try:
+        budget = SiteBudget(config.budget, config.floors.lifetime_epsilon)
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigError(f"budget: {config.budget} cannot be opened as an SQLite file "
+                          f"({type(exc).__name__})") from None
     site = Site(config.name, rows, schema, config.source.population(config.name),
-                config.capacity,
-                signing_key=load_signing_key(config.signing_key), floors=config.floors,
-                budget=SiteBudget(config.budget, config.floors.lifetime_epsilon))
+                config.capacity, signing_key=load_signing_key(config.signing_key),
+                floors=config.floors, budget=budget)
     site.enroll(config.trust)
     return site
 
@@ -283,7 +360,8 @@ def write_site_config(folder: str | os.PathLike[str], name: str, source: Mapping
                       verifier_jwks: Mapping[str, Any] | None = None, issuer: str = ISSUER,
                       approved_images: Sequence[str] = (), allow_debug: bool = False,
                       floors: Floors | None = None,
-                      signing_key: str = "signing-key.pem") -> Path:
+                      signing_key: str = "signing-key.pem",
+                      token_env: str = "PETS_SITE_TOKEN") -> Path:
     """Write a starting site configuration (``site.toml``) in ``folder`` and return its path.
 
     ``source`` is the ``[source]`` table (``{"kind": "csv", "path": ...}``); ``verifier_jwks``,
@@ -291,6 +369,12 @@ def write_site_config(folder: str | os.PathLike[str], name: str, source: Mapping
     the platform). An existing ``site.toml`` is never overwritten. The key file is not
     created here: :func:`open_site` creates it (0600) the first time the site opens.
     """
+    sites = list(sites or [name])
+    if name not in sites or len(set(sites)) != len(sites):
+        raise ConfigError(f"--sites must list each site of the study once, {name!r} among them")
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise ConfigError("capacity must be a positive integer")
+    source_from_dict(source)  # its own checks, before anything is written
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / FILE_NAME
@@ -301,13 +385,13 @@ def write_site_config(folder: str | os.PathLike[str], name: str, source: Mapping
                                                    encoding="utf-8")
     floors = floors or Floors()
     text = _TEMPLATE.format(
-        name=_toml(name), capacity=int(capacity), sites=_toml(list(sites or [name])),
+        name=_toml(name), capacity=int(capacity), sites=_toml(sites),
         signing_key=_toml(signing_key),
         source="\n".join(f"{k} = {_toml(v)}" for k, v in source.items() if v is not None),
         issuer=_toml(issuer), images=_toml(list(approved_images)),
         allow_debug=_toml(allow_debug), k=floors.k, max_epsilon=_toml(floors.max_epsilon),
         min_subset=floors.min_subset, lifetime=_toml(floors.lifetime_epsilon),
-        breakdown=_toml(floors.allow_site_breakdown))
+        breakdown=_toml(floors.allow_site_breakdown), token_env=_toml(token_env))
     path.write_text(text, encoding="utf-8")
     return path
 
@@ -358,4 +442,15 @@ min_subset = {min_subset}
 lifetime_epsilon = {lifetime}
 # May this site's numbers be shown on their own (grouped or filtered by site)?
 allow_site_breakdown = {breakdown}
+
+[service]
+# python -m pets_widgets site serve: the NAME of the environment variable holding its token.
+token_env = {token_env}
+# TLS: certfile and keyfile; client_ca also requires client certificates (mutual TLS).
+# certfile = "server.pem"
+# keyfile = "server.key.pem"
+# client_ca = "clients-ca.pem"
+# The most seconds the site spends on one request, and the largest request body in bytes.
+deadline = 30.0
+max_body = 8388608
 """

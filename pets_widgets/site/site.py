@@ -8,6 +8,7 @@ attestation, and signed with the site's own key.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 from fractions import Fraction
 from typing import Any
@@ -18,6 +19,7 @@ import pandas as pd
 
 from pets_widgets.core import schema as S
 from pets_widgets.core.errors import AttestationError, QueryValidationError, SiteRefusal
+from pets_widgets.core.evidence import TOKEN_SECONDS
 from pets_widgets.core.packing import DEFAULT_SITE_CAPACITY, Packing
 from pets_widgets.core.paillier import (
     ObfuscatorPool,
@@ -70,7 +72,8 @@ class Site:
         #: This site's own floors and limits (from its configuration, never a request).
         self.floors = floors or Floors()
         self.budget = budget or SiteBudget(None, self.floors.lifetime_epsilon)
-        self._challenges: set[str] = set()
+        self._challenges: dict[str, float] = {}  # nonce -> expiry, oldest first
+        self._nonce_lock = threading.Lock()
         self._pools: dict[int, ObfuscatorPool] = {}
         self.precompute = True
 
@@ -94,9 +97,21 @@ class Site:
 
     def challenge(self) -> str:
         """A fresh nonce the enclave's token must answer before this site encrypts anything."""
-        nonce = new_nonce()
-        self._challenges.add(nonce)
-        return nonce
+        return self.next_nonce()[0]
+
+    def next_nonce(self) -> tuple[str, float]:
+        """A fresh nonce and the time (seconds since the epoch) it expires.
+
+        At most :data:`OPEN_NONCES` are outstanding (the oldest go first), each for
+        :data:`~pets_widgets.core.evidence.TOKEN_SECONDS`: a caller asking again and again
+        cannot grow the site's memory.
+        """
+        nonce, expires = new_nonce(), time.time() + TOKEN_SECONDS
+        with self._nonce_lock:
+            self._challenges[nonce] = expires
+            while len(self._challenges) > OPEN_NONCES:
+                self._challenges.pop(next(iter(self._challenges)))
+        return nonce, expires
 
     # -- the one way out -------------------------------------------------------------------
     def respond(self, request: AggregateRequest) -> EncryptedAggregate:
@@ -157,10 +172,13 @@ class Site:
         except (KeyError, IndexError, TypeError):
             raise AttestationError("the enclave's attestation token fails check trust.claims:"
                                    " a required claim is missing", "trust.claims") from None
-        if not isinstance(claimed, str) or claimed not in self._challenges:
+        with self._nonce_lock:
+            # one use only, whatever the rest of the checks say
+            expires = self._challenges.pop(claimed, None) if isinstance(claimed, str) else None
+        if expires is None or expires < time.time():
             raise AttestationError("the enclave's attestation token fails check trust.nonce: "
-                                   "it answers no challenge this site issued", "trust.nonce")
-        self._challenges.discard(claimed)  # one use only, whatever the rest of the checks say
+                                   "it answers no current challenge of this site",
+                                   "trust.nonce")
         return claimed
 
     def _packing(self, layout: Layout, n_sites: int, public_key: PublicKey) -> Packing:
@@ -269,6 +287,8 @@ def _count_or_sum(site: Site, block: Block, mask: np.ndarray) -> np.ndarray:
     return np.rint(np.bincount(idx, weights=weights, minlength=block.size)).astype(np.int64)
 
 
+#: How many nonces a site keeps outstanding at once (enough for many concurrent queries).
+OPEN_NONCES = 256
 #: How many cell indices (one integer per row each) a site keeps for repeated layouts.
 _KEPT_INDICES = 8
 

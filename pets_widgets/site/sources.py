@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -225,15 +225,18 @@ def source_from_dict(data: Mapping[str, Any]) -> Source:
                           f"{allowed}") from None
 
 
-def anchored(source: Source, base: Path) -> Source:
-    """``source`` with its relative paths made absolute against ``base`` (a configuration's
-    folder)."""
+def anchored(source: Source, base: Path,
+             place: Callable[[str, str], Path] | None = None) -> Source:
+    """``source`` with its relative file path made absolute against ``base`` (a
+    configuration's folder); ``place(path, key)`` does it instead when given (a site checks
+    that the path stays inside its folder)."""
+    put = place or (lambda path, key: base / path)
     if isinstance(source, CsvSource):  # also Parquet
-        return replace(source, path=str(base / source.path))
+        return replace(source, path=str(put(source.path, "source.path")))
     if isinstance(source, SqlSource):
         local = SQLITE_FILE.match(source.url)
         if local is not None:
             prefix, rest = local.groups()
             if rest and not rest.startswith("/") and not rest.startswith(":memory:"):
-                return replace(source, url=f"{prefix}{base / rest}")
+                return replace(source, url=f"{prefix}{put(rest, 'source.url')}")
     return source

@@ -21,6 +21,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from pets_widgets.core.net import free_port
+
 DEFAULT_PORT = 8866
 HOST = "127.0.0.1"
 NOTEBOOK = Path("notebooks") / "dashboard.ipynb"
@@ -44,12 +46,6 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def voila_command(notebook: Path, port: int, preheat: bool = True) -> list[str]:

@@ -1,0 +1,289 @@
+"""The ``service`` backend: sites reached by URL, on the fixed routes of a site service.
+
+A :class:`ServiceSite` holds what a coordinator may hold of a site: its URL, a token, the
+verify key its federation file pins, and one kept-alive ``requests.Session``. The service
+answers ``GET /status`` and ``POST /aggregate`` and nothing else (``site serve``); there is
+no channel to code. Each reply to ``/aggregate`` carries the site's next nonce, so a query
+costs one call per site. Every failure becomes a :class:`SiteError` naming the site: a
+refused token, a timeout, a connection refused, a malformed or tampered reply.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import requests
+
+from pets_widgets.core.errors import (
+    IntegrityError,
+    SiteAttestationError,
+    SiteError,
+    SiteIntegrityError,
+)
+from pets_widgets.core.signing import VerifyKey
+from pets_widgets.core.wire import AggregateRequest, EncryptedAggregate
+
+#: Seconds a site may take to answer one query, and to come up, by default.
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_START_TIMEOUT = 60.0
+#: A cached nonce is used only while it has at least this many seconds left.
+NONCE_MARGIN = 30.0
+
+
+class ServiceSite:
+    """One site service. ``start()`` checks it is the site the federation pins; ``close()``.
+
+    ``token`` is the service's token (or ``token_env``, the name of the environment variable
+    holding it); ``verify_key`` the hex Ed25519 key the site signs with, as its registry
+    published it (None: taken from the first ``/status``, for services this process
+    started itself); ``ca_file`` the CA that signed the service's TLS certificate and
+    ``client_cert``/``client_key`` this coordinator's certificate for mutual TLS.
+    ``source`` (when the coordinator knows it: the embedded demo) serves public
+    denominators and test oracles only.
+    """
+
+    backend = "service"
+    parallel = True
+
+    def __init__(self, name: str, url: str, *, token: str | None = None,
+                 token_env: str | None = None, verify_key: str | None = None,
+                 sites: tuple[str, ...] = (), ca_file: str | None = None,
+                 client_cert: str | None = None, client_key: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT, start_timeout: float = DEFAULT_START_TIMEOUT,
+                 source: Any = None, population: pd.DataFrame | None = None,
+                 process: SiteProcess | None = None):
+        self.name = name
+        self.url = url.rstrip("/")
+        if token is None:
+            token = os.environ.get(token_env or "", "")
+            if not token:
+                raise SiteError(name, f"no token: set the environment variable {token_env}")
+        self.sites = tuple(sites)
+        self.timeout = float(timeout)
+        self.start_timeout = float(start_timeout)
+        self.source = source
+        self._population = population
+        self._pinned = verify_key
+        self._verify_key: VerifyKey | None = None
+        self._process = process
+        self._session = requests.Session()
+        self._session.headers["Authorization"] = f"token {token}"
+        # Passed with every request: a Session's own verify loses to $REQUESTS_CA_BUNDLE.
+        self._verify: str | bool = ca_file if ca_file is not None else True
+        if client_cert is not None:
+            self._session.cert = (client_cert, client_key) if client_key else client_cert
+        self._lock = threading.Lock()
+        self._nonce: tuple[str, float] | None = None
+        self.state, self.cause = "new", ""
+        self.rows_rounded: int | None = None
+
+    def __repr__(self) -> str:
+        return f"ServiceSite({self.name!r}, {self.url}, {self.state})"
+
+    # -- what Federation uses ------------------------------------------------------------
+    @property
+    def verify_key(self) -> VerifyKey:
+        if self._verify_key is None:
+            raise SiteError(self.name, "has not been started")
+        return self._verify_key
+
+    @property
+    def population(self) -> pd.DataFrame | None:
+        if self._population is None and self.source is not None:
+            self._population = self.source.population(self.name)
+        return self._population
+
+    def start(self) -> ServiceSite:
+        """Wait for the service to answer ``/status`` and check who it is."""
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            try:
+                info = self._status()
+                break
+            except SiteError as exc:
+                # A service still starting refuses connections (or TLS handshakes)
+                if exc.rule not in ("unreachable", "tls") or time.monotonic() > deadline:
+                    raise
+                if self._process is not None and self._process.exited():
+                    raise SiteError(self.name, "its service stopped while starting "
+                                    f"({self._process.describe()})") from None
+                time.sleep(0.1)
+        key = str(info.get("verify_key", ""))
+        if self._pinned is not None and key != self._pinned:
+            raise SiteIntegrityError(self.name, "signs with another key than the federation "
+                                     "file pins (verify_key)")
+        if info.get("name") != self.name:
+            raise SiteError(self.name, "its service says it is another site", rule="identity")
+        if self.sites and tuple(info.get("sites", ())) != self.sites:
+            raise SiteError(self.name, "its data dictionary lists other sites than the "
+                                       "federation's", rule="dictionary")
+        try:
+            self._verify_key = VerifyKey.from_bytes(bytes.fromhex(key))
+        except ValueError:
+            raise SiteIntegrityError(self.name, "its status has no valid verify key") from None
+        self.state = "up"
+        return self
+
+    def challenge(self) -> str:
+        """The site's next nonce: the one its last reply carried, else a fresh ``/status``."""
+        with self._lock:
+            cached, self._nonce = self._nonce, None
+        if cached is not None and cached[1] > time.time() + NONCE_MARGIN:
+            return cached[0]
+        return str(self._status()["nonce"])
+
+    def respond(self, request: AggregateRequest) -> EncryptedAggregate:
+        reply = self._call("POST", "/aggregate", request.to_body(), self.timeout, "aggregate")
+        try:
+            aggregate = EncryptedAggregate.from_json(json.dumps(reply["aggregate"]))
+            nonce, expires = str(reply["nonce"]), float(reply["nonce_expires"])
+        except (KeyError, TypeError, ValueError, IntegrityError) as exc:
+            raise SiteIntegrityError(self.name, f"its reply is not an encrypted aggregate "
+                                     f"({type(exc).__name__})") from None
+        with self._lock:
+            self._nonce = (nonce, expires)
+        return aggregate
+
+    def status(self) -> dict[str, Any]:
+        """State, size rounded to 100 and epsilon used and left, asked of the service."""
+        try:
+            info = self._status()
+        except SiteError as exc:
+            self.state, self.cause = "down", exc.cause
+            return {"alive": False, "rows": self.rows_rounded, "state": "down",
+                    "detail": exc.cause}
+        self.state, self.cause = "up", ""
+        return {"alive": True, "rows": info.get("rows"), "state": "up", "detail": "",
+                "epsilon_used": info.get("epsilon_used"),
+                "epsilon_left": info.get("epsilon_left")}
+
+    def close(self) -> None:
+        """Close the connection, and stop the service if this process started it."""
+        self._session.close()
+        if self._process is not None:
+            self._process.stop()
+        self.state = "closed"
+
+    # -- HTTP ------------------------------------------------------------------------------
+    def _status(self) -> dict[str, Any]:
+        info = self._call("GET", "/status", None, self.timeout, "status")
+        if not isinstance(info.get("nonce"), str):
+            raise SiteIntegrityError(self.name, "its status carries no nonce")
+        self.rows_rounded = info.get("rows") if isinstance(info.get("rows"), int) else None
+        return info
+
+    def _call(self, method: str, route: str, body: Mapping[str, Any] | None, timeout: float,
+              op: str) -> dict[str, Any]:
+        """One request; every failure is a :class:`SiteError` naming this site and why."""
+        try:
+            response = self._session.request(method, self.url + route, json=body,
+                                             timeout=(min(timeout, 10.0), timeout),
+                                             verify=self._verify)
+        except requests.Timeout:
+            raise SiteError(self.name, f"did not answer {op} within {timeout:g} s") from None
+        except requests.exceptions.SSLError:
+            raise SiteError(self.name, "refused the TLS connection (certificate)",
+                            rule="tls") from None
+        except requests.ConnectionError:
+            raise SiteError(self.name, f"cannot be reached at {self.url}",
+                            rule="unreachable") from None
+        if response.status_code == 401:
+            raise SiteError(self.name, "refused this coordinator's token", rule="token")
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):
+            raise SiteIntegrityError(self.name, f"its reply to {op} is not JSON "
+                                     f"(HTTP {response.status_code})")
+        if response.status_code == 200:
+            return payload
+        raise _site_error(self.name, response.status_code, payload)
+
+
+def _site_error(site: str, status: int, payload: Mapping[str, Any]) -> SiteError:
+    """A site service's JSON error as the error the federation raises."""
+    error = str(payload.get("error", ""))[:100]
+    rule = str(payload.get("rule", ""))[:100]
+    message = str(payload.get("message", ""))[:2000]
+    if error in ("AttestationError", "SiteAttestationError"):
+        return SiteAttestationError(site, message, rule=rule)
+    if error == "SiteRefusal":
+        return SiteError(site, f"refused: {message}", rule=rule)
+    if error in ("IntegrityError", "PackingError"):
+        return SiteIntegrityError(site, message)
+    if status == 503:
+        return SiteError(site, f"is unavailable: {message}", rule=rule)
+    if status == 504:
+        return SiteError(site, message, rule=rule)
+    if error == "QueryValidationError":
+        return SiteError(site, f"the site rejected the request: {message}", rule=rule)
+    return SiteError(site, f"{error or 'HTTP ' + str(status)}: {message}", rule=rule)
+
+
+# --------------------------------------------------------------------------- local services
+_LIVE: set[SiteProcess] = set()
+
+
+class SiteProcess:
+    """A ``site serve`` process this coordinator started (the embedded default only)."""
+
+    def __init__(self, config: Path, port: int, token: str, token_env: str,
+                 log: Path | None = None):
+        env = {**os.environ, token_env: token}
+        self.config, self.port, self.token, self.token_env = config, port, token, token_env
+        self.log = log
+        out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "pets_widgets", "site", "serve", "--config",
+                 str(config), "--port", str(port)],
+                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True)
+        finally:
+            if log is not None:
+                out.close()  # type: ignore[union-attr]
+        _LIVE.add(self)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def exited(self) -> bool:
+        return self._proc.poll() is not None
+
+    def describe(self) -> str:
+        return f"exit status {self._proc.returncode}" + (
+            f"; its log is {self.log}" if self.log is not None else "")
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM (the service shuts its kernel down), then SIGKILL of its whole session."""
+        _LIVE.discard(self)
+        if self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(grace)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, signal.SIGKILL)  # a kernel left behind, if any
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(5.0)
+
+
+@atexit.register
+def _stop_all() -> None:
+    for process in list(_LIVE):
+        with contextlib.suppress(Exception):
+            process.stop(grace=5.0)

@@ -1,0 +1,119 @@
+"""``python -m pets_widgets site serve``: the site as a service with fixed routes.
+
+Jupyter Kernel Gateway's notebook-http personality serves the annotated cells of
+``pets_widgets/site/service.ipynb`` as ``GET /status`` and ``POST /aggregate`` and nothing
+else: ``/api/kernels``, ``/api/kernelspecs`` and ``/api/sessions`` answer 404, so a client
+holding the token can call the routes and cannot run code. The gateway runs in this process
+with the token from the environment variable the configuration names, TLS and client
+certificates when the configuration gives them, a limit on request bodies and on idle
+connections, and one kernel (requests are answered one at a time, so the site's own state
+needs no locking across kernels).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from kernel_gateway.gatewayapp import KernelGatewayApp
+from traitlets.config import Config
+
+from pets_widgets.core.errors import ConfigError
+from pets_widgets.core.net import LOOPBACK, free_port
+from pets_widgets.site.config import SiteConfiguration, load_signing_key, load_site_config
+from pets_widgets.site.service import CONFIG_ENV
+
+#: The notebook whose annotated cells are the routes (shipped with the package).
+NOTEBOOK = Path(__file__).with_name("service.ipynb")
+#: Seconds a client may keep a connection idle, or take to send a request's body.
+IDLE_SECONDS = 75.0
+BODY_SECONDS = 30.0
+
+
+class SiteGatewayApp(KernelGatewayApp):
+    """Kernel Gateway with the limits a site needs and a clean stop on SIGINT and SIGTERM."""
+
+    max_body = 8 * 2**20
+    announce = ""
+
+    def init_http_server(self) -> None:
+        super().init_http_server()
+        # tornado's HTTP/1 parameters of every new connection: a body larger than max_body
+        # is refused before it reaches the kernel, and slow or idle clients are cut off.
+        params = self.http_server.conn_params
+        params.max_body_size = self.max_body
+        params.body_timeout = BODY_SECONDS
+        params.header_timeout = BODY_SECONDS
+        self.http_server.max_buffer_size = self.max_body + 2**16
+        self.http_server.idle_connection_timeout = IDLE_SECONDS
+
+    def init_signal(self) -> None:
+        # Stop at once on Ctrl-C as on SIGTERM (no "shut down? y/n" prompt): the kernels are
+        # shut down by the personality before the loop stops.
+        signal.signal(signal.SIGINT, self._signal_stop)
+        signal.signal(signal.SIGTERM, self._signal_stop)
+
+    def start_app(self) -> None:
+        super().start_app()
+        if self.announce:
+            print(self.announce, flush=True)
+
+    def start(self) -> None:
+        self.start_app()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self.io_loop.start()
+
+
+def gateway_config(config: SiteConfiguration, host: str, port: int, token: str) -> Config:
+    """The Kernel Gateway settings of a site service (the token is never on a command line)."""
+    c = Config()
+    app = c.KernelGatewayApp
+    app.api = "kernel_gateway.notebook_http"
+    app.seed_uri = str(NOTEBOOK)
+    app.ip, app.port, app.port_retries = host, port, 0
+    app.auth_token = token
+    app.prespawn_count = 1
+    service = config.service
+    if service.certfile is not None and service.keyfile is not None:
+        app.certfile, app.keyfile = str(service.certfile), str(service.keyfile)
+    if service.client_ca is not None:
+        app.client_ca = str(service.client_ca)
+    c.NotebookHTTPPersonality.allow_notebook_download = False
+    # The gateway and its kernel talk over CurveZMQ-encrypted ZeroMQ on this machine.
+    c.KernelManager.transport_encryption = "required"
+    return c
+
+
+def serve(config_path: str | os.PathLike[str], host: str = LOOPBACK,
+          port: int | None = None) -> int:
+    """Run the site service of ``config_path`` until Ctrl-C or SIGTERM; returns an exit code.
+
+    Prints the URL and the site's verify key (what a coordinator's federation file pins)
+    once the service answers.
+    """
+    try:
+        config = load_site_config(config_path)
+        token = os.environ.get(config.service.token_env, "")
+        if len(token) < 16:
+            raise ConfigError(f"service.token_env: set {config.service.token_env} to the "
+                              "service's token (at least 16 characters) before starting it")
+        key = load_signing_key(config.signing_key)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    port = free_port(host) if port is None else port
+    scheme = "https" if config.service.certfile is not None else "http"
+    # The site kernel inherits this process's environment: that is how it learns its
+    # configuration, and the only way (no request can name a path).
+    os.environ[CONFIG_ENV] = str(config.path)
+    os.environ.pop("KG_AUTH_TOKEN", None)
+    app: Any = SiteGatewayApp(config=gateway_config(config, host, port, token))
+    app.max_body = config.service.max_body
+    app.announce = (f"site {config.name} serving at {scheme}://{host}:{port}/ "
+                    f"verify key {key.public.to_bytes().hex()}")
+    app.initialize([])
+    app.start()
+    return 0
