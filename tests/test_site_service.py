@@ -376,3 +376,25 @@ def test_a_site_service_with_broken_data_says_why_by_rule_and_count(tmp_path):
             assert value not in info.value.cause
     finally:
         site.close()
+
+
+def test_site_services_of_a_killed_coordinator_stop_by_themselves():
+    """A notebook kernel killed with SIGKILL runs no atexit: its embedded site services see
+    their parent gone and stop (with their kernels) within seconds."""
+    import subprocess
+    import sys
+
+    code = ("import pets_widgets as pw, time\n"
+            "fed = pw.demo_federation(backend='service', key_bits=1024, rows_per_site=500)\n"
+            "print('up', flush=True)\ntime.sleep(120)\n")
+    coordinator = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert coordinator.stdout is not None and coordinator.stdout.readline() == b"up\n"
+        services = psutil.Process(coordinator.pid).children(recursive=True)
+        assert len([p for p in services if "site" in p.cmdline()]) == 2
+        coordinator.kill()
+        coordinator.wait(10)
+        _, alive = psutil.wait_procs(services, timeout=20)
+        assert not alive, [p.cmdline()[:5] for p in alive]
+    finally:
+        coordinator.kill()

@@ -313,7 +313,7 @@ def test_dashboard_without_a_federation_builds_the_demo(monkeypatch, tmp_path):
                                ledger=tmp_path / "ledger.sqlite")
     try:
         assert app.fed.site_names == ("NDRS", "NCI")
-        assert set(app.fed.status().backend) == {"kernel"}  # sites in their own kernels
+        assert set(app.fed.status().backend) == {"service"}  # each site its own service
         assert isinstance(app.builder, pw.widgets.QueryBuilder)
     finally:
         app.fed.close()

@@ -242,7 +242,7 @@ class SiteProcess:
 
     def __init__(self, config: Path, port: int, token: str, token_env: str,
                  log: Path | None = None):
-        env = {**os.environ, token_env: token}
+        env = {**os.environ, token_env: token, "PETS_PARENT_PID": str(os.getpid())}
         self.config, self.port, self.token, self.token_env = config, port, token, token_env
         self.log = log
         out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kernel_gateway.gatewayapp import KernelGatewayApp
+from tornado.ioloop import PeriodicCallback
 from traitlets.config import Config
 
 from pets_widgets.core.errors import ConfigError
@@ -28,6 +29,8 @@ from pets_widgets.site.service import CONFIG_ENV
 
 #: The notebook whose annotated cells are the routes (shipped with the package).
 NOTEBOOK = Path(__file__).with_name("service.ipynb")
+#: Set by a coordinator that starts this service itself: its process id.
+PARENT_ENV = "PETS_PARENT_PID"
 #: Seconds a client may keep a connection idle, or take to send a request's body.
 IDLE_SECONDS = 75.0
 BODY_SECONDS = 30.0
@@ -60,6 +63,16 @@ class SiteGatewayApp(KernelGatewayApp):
         super().start_app()
         if self.announce:
             print(self.announce, flush=True)
+        parent = os.environ.get(PARENT_ENV)
+        if parent and parent.isdigit():
+            # Started by a coordinator for the embedded default: stop when it is gone (a
+            # killed notebook kernel must not leave its site services behind).
+            def orphaned() -> None:
+                if os.getppid() != int(parent):
+                    self.stop()
+
+            self._watch = PeriodicCallback(orphaned, 1000)
+            self._watch.start()
 
     def start(self) -> None:
         self.start_app()

@@ -86,7 +86,7 @@ class Dashboard(W.VBox):
 CONFIG_ENV = "PETS_SITES_CONFIG"
 
 
-def dashboard(fed: Federation | None = None, backend: str = "kernel", seed: int = 7,
+def dashboard(fed: Federation | None = None, backend: str = "service", seed: int = 7,
               config: str | os.PathLike[str] | None = None, **kwargs: Any) -> Dashboard:
     """The dashboard over ``fed``, over the sites of a configuration file, or over the
     synthetic demo federation.
@@ -97,8 +97,9 @@ def dashboard(fed: Federation | None = None, backend: str = "kernel", seed: int 
     with any real (non-synthetic) registry must name its ledger (``[federation] ledger``):
     every page load is a new kernel, and a temporary ledger would give each one a fresh
     budget. Without
-    either, the demo's sites run as separate Jupyter kernels (``backend="kernel"``); when
-    kernels cannot be started there, they run in this process and the header says why.
+    either, each of the demo's registries is its own site service process on 127.0.0.1
+    (``backend="service"``, ``site serve``); when services cannot be started there, the
+    sites run in this process and the header says why.
     """
     note = ""
     config = config if config is not None else os.environ.get(CONFIG_ENV) or None
