@@ -33,9 +33,11 @@ Every row runs one query on the same synthetic sites (local backend) several way
 query; ``data_mb`` the memory of the sites' rows and ``index_mb`` that of the cell indices
 the sites keep (one integer per row for each of their last 8 layouts) after the row's runs.
 Medians of ``--repeats`` runs; naive runs once.
-The kernel rows run the same queries with every site in its own Jupyter kernel (warm: the
-benchmark waits between queries while the kernels refill their pools), beside the local
-backend's warm time. Results are printed and saved as CSV (``--csv``, by default under
+The service rows run the same queries with every site its own ``site serve`` process on
+127.0.0.1 (warm: the benchmark waits between queries while the sites refill their pools;
+cold: asked back to back, so with little time to precompute), beside the local backend's
+times in the same run, with ``ready_s``: the seconds until the federation answered.
+Results are printed and saved as CSV (``--csv``, by default under
 ``benchmarks/results/``, which git ignores).
 """
 
@@ -200,6 +202,8 @@ class Row:
     data_mb: float = math.nan
     index_mb: float = math.nan
     local_warm_ms: float = math.nan
+    local_cold_ms: float = math.nan
+    ready_s: float = math.nan
 
 
 def packing_of(fed: pw.Federation, spec: pw.QuerySpec) -> Packing:
@@ -256,28 +260,33 @@ def measure_local(fed: pw.Federation, name: str, spec: pw.QuerySpec, *, repeats:
     return row
 
 
-def measure_kernels(n_sites: int, rows: int, bits: int, repeats: int,
-                    local: dict[str, Row]) -> list[Row]:
+def measure_services(n_sites: int, rows: int, bits: int, repeats: int,
+                     local: dict[str, Row]) -> list[Row]:
     out = []
     enc, _ = modexp_ms(bits)
     cores = os.cpu_count() or 1
+    t0 = time.perf_counter()
     with pw.demo_federation(seed=7, n_sites=n_sites, rows_per_site=rows, key_bits=bits,
-                            policy=POLICY, backend="kernel") as fed:
+                            policy=POLICY, backend="service") as fed:
+        ready = time.perf_counter() - t0
         for name, spec in QUERIES.items():
             eps = Epsilons()
             packing = packing_of(fed, spec)
-            # Time for every kernel to refill what a query used, on this machine's cores.
+            # Time for every site to refill what a query used, on this machine's cores.
             refill = math.ceil(n_sites / cores) * packing.n_ciphertexts * enc / 1000 * 1.5
             def run(spec: pw.QuerySpec = spec, eps: Epsilons = eps) -> None:
                 fed.run(spec, epsilon=eps(), analyst="benchmark")
 
             run()
-            row = Row(name, "kernel", bits, n_sites, rows, packing.n_cells,
+            row = Row(name, "service", bits, n_sites, rows, packing.n_cells,
                       packing.n_ciphertexts, packing.slot_bits)
+            row.cold_ms = median_ms(run, repeats)
             wait = refill + foreground.GRACE + 0.2
             row.warm_ms = median_ms(run, repeats, before=functools.partial(time.sleep, wait))
             base = local.get(name)
             row.local_warm_ms = base.warm_ms if base else math.nan
+            row.local_cold_ms = base.cold_ms if base else math.nan
+            row.ready_s = ready
             out.append(row)
     return out
 
@@ -291,7 +300,8 @@ def report(rows: list[Row]) -> pd.DataFrame:
     df["cold/(modexp+plain)"] = df.cold_ms / floor
     df["warm/plain"] = df.warm_ms / df.plaintext_ms
     df["cold/plain"] = df.cold_ms / df.plaintext_ms
-    df["kernel/local"] = df.warm_ms / df.local_warm_ms
+    df["service/local"] = df.warm_ms / df.local_warm_ms
+    df["service/local cold"] = df.cold_ms / df.local_cold_ms
     return df
 
 
@@ -299,8 +309,8 @@ SHOW = {
     "local": ["query", "key_bits", "sites", "rows_per_site", "cells", "ciphertexts_per_site",
               "plaintext_ms", "naive_ms", "cold_ms", "warm_ms", "modexp_floor_ms",
               "naive/warm", "naive/cold", "cold/(modexp+plain)", "cold/plain", "peak_mb"],
-    "kernel": ["query", "key_bits", "sites", "rows_per_site", "warm_ms", "local_warm_ms",
-               "kernel/local"],
+    "service": ["query", "key_bits", "sites", "rows_per_site", "warm_ms", "local_warm_ms",
+                "service/local", "cold_ms", "local_cold_ms", "service/local cold", "ready_s"],
 }
 
 
@@ -327,7 +337,7 @@ def print_tables(df: pd.DataFrame) -> None:
 
 def markdown(df: pd.DataFrame) -> str:
     """The README's tables from a saved run: every query at 2048 bits and 100k patients, the
-    two heaviest queries elsewhere in the matrix, and the kernel rows."""
+    two heaviest queries elsewhere in the matrix, and the service rows."""
     def cell(v: object) -> str:
         if isinstance(v, float):
             return f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.1f}"
@@ -355,18 +365,22 @@ def markdown(df: pd.DataFrame) -> str:
                       "naive_ms": "naive ms", "cold_ms": "cold ms", "warm_ms": "warm ms",
                       "naive/warm": "naive/warm", "naive/cold": "naive/cold",
                       "data_mb": "data MB", "index_mb": "index MB", "peak_mb": "peak MB"}),
-        table(df[df.backend == "kernel"], {"query": "query", "sites": "sites",
-                                           "warm_ms": "kernel warm ms",
-                                           "local_warm_ms": "local warm ms",
-                                           "kernel/local": "kernel/local"}),
+        table(df[df.backend == "service"], {"query": "query", "sites": "sites",
+                                            "warm_ms": "service warm ms",
+                                            "local_warm_ms": "local warm ms",
+                                            "service/local": "service/local",
+                                            "cold_ms": "service cold ms",
+                                            "service/local cold": "service/local cold",
+                                            "ready_s": "ready s"}),
     ])
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="2048-bit keys, 100k patients per site, 2 and 10 sites, kernels "
-                             "at 2 sites, naive on 16 cells per site (about a minute)")
+                        help="2048-bit keys, 100k patients per site, 2 and 10 sites, local "
+                             "and as site services, naive on 16 cells per site (a few "
+                             "minutes)")
     parser.add_argument("--repeats", type=int, default=None, help="runs per median")
     parser.add_argument("--naive-cells", type=int, default=None,
                         help="measure naive phe on this many cells per site, scaled")
@@ -379,13 +393,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.quick:
         grid = [(2048, n, 100_000) for n in (2, 10)]
-        kernel_grid = [(2048, 2, 100_000)]
+        service_grid = [(2048, n, 100_000) for n in (2, 10)]
         repeats = args.repeats or 3
         naive_cells = args.naive_cells or 16
     else:
         grid = [(bits, n, rows) for bits in (2048, 3072) for rows in (100_000, 1_000_000)
                 for n in (2, 10)]
-        kernel_grid = [(2048, n, 100_000) for n in (2, 10)]
+        service_grid = [(2048, n, 100_000) for n in (2, 10)]
         repeats = args.repeats or 5
         naive_cells = args.naive_cells
     csv = args.csv or (Path(__file__).parent / "results" /
@@ -414,11 +428,11 @@ def main(argv: list[str] | None = None) -> None:
             del pooled, pooled_rows
         print(f"  measured {bits}-bit, {n_sites} sites, {n_rows:,} patients each "
               f"in {time.perf_counter() - t0:.0f} s")
-    for bits, n_sites, n_rows in kernel_grid:
+    for bits, n_sites, n_rows in service_grid:
         local = {r.query: r for r in rows if (r.key_bits, r.sites, r.rows_per_site)
                  == (bits, n_sites, n_rows)}
-        rows.extend(measure_kernels(n_sites, n_rows, bits, repeats, local))
-        print(f"  measured kernels: {bits}-bit, {n_sites} sites")
+        rows.extend(measure_services(n_sites, n_rows, bits, repeats, local))
+        print(f"  measured site services: {bits}-bit, {n_sites} sites")
     df = report(rows)
     print_tables(df)
     csv.parent.mkdir(parents=True, exist_ok=True)

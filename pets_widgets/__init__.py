@@ -10,7 +10,7 @@ One import is all a user needs::
     km.table, km.curves, km.logrank, pw.plots.plot(km)
     fed.run(pw.IncidenceRate(by="tumour_group"))          # cases per million person-years
 
-    fed = pw.Federation.from_config("sites.toml")   # sites as kernels, or behind gateways
+    fed = pw.Federation.from_config("sites.toml")   # site services, by URL or started here
     fed.status()
 
 Approved query specs run inside each site; only Paillier-encrypted aggregates leave; an

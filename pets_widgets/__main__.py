@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_dash.add_argument("--no-preheat", action="store_true",
                         help="do not keep a kernel warm for the next visitor")
     p_dash.add_argument("--config", default=None,
-                        help="a TOML site configuration (local, kernel or gateway sites; see "
+                        help="a TOML federation file (site services or local sites; see "
                              "examples/sites.toml) instead of the synthetic demo")
     p_site = sub.add_parser("site", help="a registry's site: write or check its configuration")
     site = p_site.add_subparsers(dest="site_command", required=True)

@@ -1,8 +1,8 @@
 """Test-only doors: exact totals, pooled rows and a seeded noise sampler.
 
 Nothing in pets_widgets imports this module, the widgets cannot reach it, and it is the
-only way to get noiseless totals or patient rows out of a federation (rows of kernel and
-gateway sites are never asked of the sites: they are rebuilt from each site's declared
+only way to get noiseless totals or patient rows out of a federation (rows of site
+services are never asked of the sites: they are rebuilt from each site's declared
 source). It exists so every statistical output has an oracle: with noise off, a federated
 result must equal the same computation on the pooled rows.
 """
@@ -72,9 +72,9 @@ def noiseless(fed: Federation, spec: QuerySpec) -> Release:
 def site_rows(fed: Federation, site: object) -> pd.DataFrame:
     """One site's patient rows, for the test oracle only.
 
-    Kernel and gateway sites never send rows: they are rebuilt here, in the test process,
+    Site services never send rows: they are rebuilt here, in the test process,
     from the site's declared source (the synthetic seed and size, the CSV or Parquet file,
-    the SQL database), exactly as the site kernel loaded them.
+    the SQL database), exactly as the site service loaded them.
     """
     source = getattr(site, "source", None)
     if source is not None:

@@ -22,11 +22,26 @@ from pets_widgets.core.errors import SiteAttestationError, SiteIntegrityError
 from pets_widgets.core.net import free_port
 
 from .conftest import SMALL_ROWS, TEST_KEY_BITS, TESTING
-from .test_kernels import SPECS
 from .test_site_config import site_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leaked_kernels")]
 _EPSILONS = itertools.count(1)
+#: Every query kind, each of which must give a site service federation the local totals.
+SPECS = [
+    pw.Count(),
+    pw.Count(by=["tumour_group"]),
+    pw.Count(by=["sex", "died"], where={"diagnosis_year": (2005, 2015)}),
+    pw.Count(by=["tumour_group", "age_band", "sex"]),
+    pw.Crosstab(rows="tumour_group", cols="age_band", where={"sex": ["F"]}),
+    pw.Crosstab(rows="site", cols="diagnosis_period"),
+    pw.Mean(variable="age_at_diagnosis", by=["sex"]),
+    pw.Mean(variable="died", by=["tumour_group"], where={"stage": ["Metastatic"]}),
+    pw.Histogram(variable="follow_up_months", where={"tumour_group": ["Leukaemia"]}),
+    pw.Histogram(variable="age_at_diagnosis"),
+    pw.Survival(by="tumour_group", horizon_months=60, interval_months=3),
+    pw.Survival(where={"age_band": ["<1"]}),
+    pw.IncidenceRate(by="tumour_group", where={"diagnosis_period": ["2015-2019"]}),
+]
 
 
 def fresh_epsilon() -> float:
@@ -398,3 +413,50 @@ def test_site_services_of_a_killed_coordinator_stop_by_themselves():
         assert not alive, [p.cmdline()[:5] for p in alive]
     finally:
         coordinator.kill()
+
+
+# --------------------------------------------------------------------------- endurance
+def test_200_mixed_queries_leave_the_services_answering_and_memory_steady(sfed2):
+    from pets_widgets import testing
+    from pets_widgets.core.wire import AggregateRequest, new_nonce
+
+    from .kernel_helpers import rss_mb
+
+    sites, enclave = sfed2._sites, sfed2.enclave
+    kernels = [psutil.Process(s._process.pid).children(recursive=True)[0].pid for s in sites]
+
+    def stale_request(spec: pw.QuerySpec) -> AggregateRequest:
+        admission = testing.admit_exact(enclave, spec, "t", sfed2.site_names)
+        token = enclave.issue_nonce(admission, sfed2.site_names[0], new_nonce())
+        return AggregateRequest(admission.spec, token, enclave.public_key, admission.packing)
+
+    def one(i: int) -> None:
+        spec = SPECS[i % len(SPECS)]
+        kind = i % 5
+        if kind == 0:  # valid, through both services, exact
+            pw.testing.noiseless(sfed2, spec)
+        elif kind == 1:  # invalid run parameter: refused before any site works
+            with pytest.raises(pw.QueryValidationError):
+                sfed2.run(spec, epsilon=-1)
+        elif kind == 2:  # below the policy's k: refused by the enclave
+            with pytest.raises(pw.QueryRefused):
+                sfed2.run(spec, k=1)
+        elif kind == 3:  # a token for a nonce the site never issued: refused there
+            with pytest.raises(SiteAttestationError):
+                sites[i % 2].respond(stale_request(spec))
+        else:  # a request the site's own validation rejects
+            with pytest.raises(pw.SiteError, match="rejected the request"):
+                sites[i % 2]._call("POST", "/aggregate", {"admission": {"spec": {
+                    "kind": "exec"}, "public_key_n": "ff", "packing": {}}, "token": "x"},
+                    10, "aggregate")
+
+    for i in range(20):  # warm-up: imports, caches, allocator arenas
+        one(i)
+    rss_before = [rss_mb(os.getpid())] + [rss_mb(p) for p in kernels]
+    for i in range(200):
+        one(i)
+    rss_after = [rss_mb(os.getpid())] + [rss_mb(p) for p in kernels]
+    assert sfed2.status()["alive"].all()
+    growth = [a - b for a, b in zip(rss_after, rss_before, strict=True)]
+    assert growth[0] < 40, f"coordinator RSS grew {growth[0]:.1f} MB"
+    assert max(growth[1:]) < 25, f"site kernel RSS grew {growth[1:]} MB"

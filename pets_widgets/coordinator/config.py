@@ -1,4 +1,4 @@
-"""Federation configuration files (TOML): which sites, on which backend, with which data.
+"""Federation configuration files (TOML): which sites, where, with which data.
 
 Example (``examples/sites.toml`` is a complete one)::
 
@@ -7,42 +7,43 @@ Example (``examples/sites.toml`` is a complete one)::
     timeout = 60                 # seconds a site may take per query call (default 60)
     ledger = "ledger.sqlite"     # the audit log and budget (default: a temporary file)
 
-    [[sites]]
+    [[sites]]                    # a site service started on this machine from a source
     name = "NDRS"
-    backend = "kernel"           # local | kernel | gateway
     source = { kind = "synthetic", seed = 7, size = 3000 }
 
     [[sites]]
     name = "NORDIC"
-    backend = "kernel"
     source = { kind = "csv", path = "registry_example.csv" }    # relative to this file
 
-    [[sites]]
+    [[sites]]                    # a site service on the registry's own machine
     name = "SIOP"
-    backend = "gateway"
-    url = "http://10.0.0.5:8888/"
+    backend = "service"
+    url = "https://siop.example.org:8443/"
     token_env = "PETS_SIOP_TOKEN"     # the NAME of the variable holding the token
-    config = "/etc/pets/siop/site.toml"   # the registry's own file, on the gateway's machine
+    verify_key = "3f1c..."            # the site's verify key, as site serve prints it
+    ca_file = "siop-ca.pem"           # optional: the CA of its TLS certificate
+    client_cert = "coordinator.pem"   # optional: this coordinator's certificate (mutual TLS)
+    client_key = "coordinator.key.pem"
 
-Each site either names the registry's own site configuration (``config``, see
-:mod:`pets_widgets.site.config`), which decides its source, signing key, trust and floors,
-or gives a ``source``, from which a site configuration is generated for this run (pinning
-this run's verifier, approving this code's enclave image, default floors). ``[federation]
-verifier`` is a folder holding the platform verifier's key and its published JWKS, kept
-across runs so that registries can pin it. A generated configuration is written on this
-machine, so a ``gateway`` site given only a source works with a gateway on this machine only.
+Backends: ``service`` (the default) is a site service (``python -m pets_widgets site
+serve``): reached at its ``url``, or, without one, started on this machine from the entry's
+``source`` or ``config`` (``kernel``, the old name, means the same). ``local`` keeps the site
+in this process (a simulation, not a boundary). A site started here either names the
+registry's own site configuration (``config``, see :mod:`pets_widgets.site.config`), which
+decides its source, signing key, trust and floors, or gives a ``source``, from which a site
+configuration is generated for this run (pinning this run's verifier, approving this code's
+enclave image, default floors). ``[federation] verifier`` is a folder holding the platform
+verifier's key and its published JWKS, kept across runs so that registries can pin it.
 
 Sources: ``synthetic`` (seed, size, optional cases_per_year, loss_to_follow_up), ``csv`` and
-``parquet`` (path), ``sql`` (an SQLAlchemy url, and a table or a fixed query). Paths of
-``local`` and ``kernel`` sites are relative to the configuration file; a ``gateway`` site
-reads its source on the gateway's machine, so give paths as that machine sees them. A token
-never appears in the file: the file names the environment variable that holds it.
-Per-site keys: ``timeout``, ``start_timeout``, ``kernel_name`` (default python3),
-``key_file`` (where a generated site configuration keeps the signing key) and
-``population``: a CSV file of the site's public person-years (columns ``diagnosis_year``,
-``sex``, ``age_band``, ``person_years``; a ``site`` column is optional), read by the
-coordinator (so relative to this file for every backend) for incidence rates. Synthetic
-sources come with their own; without one, rates are refused for that federation.
+``parquet`` (path), ``sql`` (an SQLAlchemy url, and a table or a fixed query). Paths are
+relative to this file. A token never appears in the file: the file names the environment
+variable that holds it. Per-site keys: ``timeout``, ``start_timeout``, ``key_file`` (where a
+generated site configuration keeps the signing key) and ``population``: a CSV file of the
+site's public person-years (columns ``diagnosis_year``, ``sex``, ``age_band``,
+``person_years``; a ``site`` column is optional), read by the coordinator for incidence
+rates. Synthetic sources come with their own; without one, rates are refused for that
+federation.
 """
 
 from __future__ import annotations
@@ -57,13 +58,13 @@ from typing import Any
 
 import pandas as pd
 
-from pets_widgets.coordinator.remote import DEFAULT_START_TIMEOUT, DEFAULT_TIMEOUT
+from pets_widgets.coordinator.service import DEFAULT_START_TIMEOUT, DEFAULT_TIMEOUT
 from pets_widgets.core.errors import ConfigError
 from pets_widgets.core.packing import DEFAULT_SITE_CAPACITY
 from pets_widgets.core.paillier import ALLOWED_KEY_BITS
 from pets_widgets.site.sources import Source, anchored, source_from_dict
 
-BACKENDS = ("local", "kernel", "gateway", "service")
+BACKENDS = ("local", "service")
 SITE_KEYS = ("name", "backend", "source", "config", "url", "token_env", "kernel_name",
              "timeout", "start_timeout", "key_file", "population", "verify_key", "ca_file",
              "client_cert", "client_key")
@@ -85,6 +86,7 @@ class SiteConfig:
     source: Source | None
     url: str | None = None
     token_env: str | None = None
+    #: No longer used (site kernels are gone); accepted so old files still load.
     kernel_name: str = "python3"
     timeout: float = DEFAULT_TIMEOUT
     start_timeout: float = DEFAULT_START_TIMEOUT
@@ -202,14 +204,24 @@ def _site(raw: object, index: int, label: str, base: Path | None,
     unknown = set(raw) - set(SITE_KEYS)
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; allowed: {list(SITE_KEYS)}")
-    backend = raw.get("backend", "kernel")
+    backend = raw.get("backend", "service")
+    if backend == "gateway":
+        raise ConfigError(f"{where}: the gateway backend is gone (a kernel behind a gateway "
+                          "let any holder of its token run code there): run python -m "
+                          "pets_widgets site serve --config site.toml on the site's machine and "
+                          "list it here with backend = \"service\", url, token_env and "
+                          "verify_key")
+    if backend == "kernel":
+        backend = "service"  # its old name: each site in its own process on this machine
     if backend not in BACKENDS:
         raise ConfigError(f"{where}: backend {backend!r} is not one of {list(BACKENDS)}")
-    if backend == "service":
+    if backend == "service" and "url" in raw:
         return _service_site(raw, name.strip(), where, base, default_timeout)
-    # Paths of local and kernel sites are anchored at this file's folder; a gateway site's
-    # are as the gateway's machine sees them.
-    anchor = None if backend == "gateway" else base
+    # A local site, or a site service started on this machine: paths are relative to this
+    # file's folder.
+    for key in ("token_env", "verify_key", "ca_file", "client_cert", "client_key"):
+        if key in raw:
+            raise ConfigError(f"{where}: {key} is for a site service reached by its url")
     site_config = raw.get("config")
     source: Source | None = None
     if site_config is not None:
@@ -218,40 +230,28 @@ def _site(raw: object, index: int, label: str, base: Path | None,
                               "source and signing key from there; remove source and key_file")
         if not isinstance(site_config, str) or not site_config.strip():
             raise ConfigError(f"{where}: config must be the path of the site's site.toml")
-        site_config = site_config if anchor is None else str(anchor / site_config)
+        site_config = str(base / site_config) if base is not None else site_config
     elif "source" not in raw:
-        raise ConfigError(f"{where}: needs a source table (synthetic, csv, parquet or sql) "
-                          "or config, the path of the registry's own site configuration")
+        raise ConfigError(f"{where}: needs a source table (synthetic, csv, parquet or sql), "
+                          "config (the path of the registry's own site configuration) or url "
+                          "(a site service)")
     else:
         try:
             source = source_from_dict(raw["source"])
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-        if anchor is not None:
-            source = anchored(source, anchor)
-    url, token_env = raw.get("url"), raw.get("token_env")
-    if backend == "gateway":
-        if not isinstance(url, str) or not re.match(r"^https?://", url):
-            raise ConfigError(f"{where}: a gateway site needs url = \"http(s)://host:port/\"")
-        if not isinstance(token_env, str) or not _ENV_NAME.match(token_env):
-            raise ConfigError(f"{where}: a gateway site needs token_env, the name of the "
-                              "environment variable holding its token")
-    elif url is not None or token_env is not None:
-        raise ConfigError(f"{where}: url and token_env are for gateway sites only")
+        if base is not None:
+            source = anchored(source, base)
     key_file = raw.get("key_file")
     if key_file is not None:
-        key_file = str(key_file)
-        if anchor is not None:
-            key_file = str(anchor / key_file)
+        key_file = str(base / str(key_file)) if base is not None else str(key_file)
     population = raw.get("population")
     if population is not None:
         if not isinstance(population, str) or not population.strip():
             raise ConfigError(f"{where}: population must be the path of a CSV file")
         population = str(base / population) if base is not None else population
     return SiteConfig(
-        name=name.strip(), backend=backend, source=source, url=url, token_env=token_env,
-        population=population,
-        kernel_name=str(raw.get("kernel_name", "python3")),
+        name=name.strip(), backend=backend, source=source, population=population,
         timeout=_positive(raw.get("timeout", default_timeout), f"{where}: timeout"),
         start_timeout=_positive(raw.get("start_timeout", DEFAULT_START_TIMEOUT),
                                 f"{where}: start_timeout"),

@@ -28,7 +28,7 @@ from pets_widgets.coordinator.config import (
     read_population,
     sites_of,
 )
-from pets_widgets.coordinator.service import ServiceSite, SiteProcess
+from pets_widgets.coordinator.service import ServiceSite, SiteProcess, close_sites, start_sites
 from pets_widgets.core import schema as S
 from pets_widgets.core.analyst import resolve_analyst
 from pets_widgets.core.budget import Budget
@@ -74,7 +74,7 @@ STAGES = ("attest", "compute", "encrypt", "aggregate", "release")
 
 
 class SiteBackend(Protocol):
-    """What the coordinator needs from a site, wherever it runs (object, kernel, gateway)."""
+    """What the coordinator needs from a site, wherever it runs (an object, a service)."""
 
     name: str
     backend: str
@@ -263,7 +263,7 @@ class Federation:
     def status(self) -> pd.DataFrame:
         """Each site's backend, liveness, size (rounded to 100), state (``up``, or ``down``
         with the cause in ``detail``) and signing-key fingerprint, for the dashboard header.
-        Liveness is asked of the process or the gateway, not of the site's data."""
+        Liveness, size and budget are asked of each site (its service's ``/status``)."""
         records = []
         for site in self._sites:
             info = site.status() if hasattr(site, "status") else {"alive": None, "rows": None}
@@ -277,10 +277,9 @@ class Federation:
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     def close(self) -> None:
-        """Stop site kernels, if any, in parallel (local sites need nothing). Kernels are
-        also stopped at interpreter exit; closing twice is harmless."""
-        from pets_widgets.coordinator.remote import close_sites
-
+        """Stop the site services this process started, in parallel (local sites need
+        nothing). They are also stopped at interpreter exit, and by themselves when this
+        process is gone; closing twice is harmless."""
         close_sites(self._sites)
 
     @classmethod
@@ -290,8 +289,8 @@ class Federation:
                     site_capacity: int | None = None, debug: bool = False,
                     floors: Floors | None = None) -> Federation:
         """A federation of the sites listed in a TOML configuration file (see
-        :mod:`pets_widgets.coordinator.config`), started in parallel: local, kernel or gateway
-        sites.
+        :mod:`pets_widgets.coordinator.config`), started in parallel: site services (reached
+        by URL, or started on this machine) or local sites.
 
         ``ledger`` is the SQLite audit ledger (a temporary file when None); ``key_bits``
         overrides the file's, which defaults to 2048. Raises :class:`ConfigError` for a bad
@@ -340,16 +339,11 @@ def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | o
     accepts a debug enclave only when ``debug`` is asked for here, and keeps ``floors``
     (the defaults of :class:`~pets_widgets.site.trust.Floors` when None).
 
-    Local sites load their rows in this process; kernel and gateway sites load them inside
-    their own kernels. If any site fails to start, the ones already started are stopped
-    and the error names the site (:class:`SiteError`, or :class:`DataValidationError` for a
+    Local sites load their rows in this process; site services load them in their own
+    process. If any site fails to start, the ones already started are stopped and the error
+    names the site (:class:`SiteError`, or :class:`DataValidationError` for a local site's
     registry file that does not match the schema).
     """
-    # The remote backends load jupyter_client and websocket-client: only when asked for.
-    from pets_widgets.coordinator.gateway import GatewaySite
-    from pets_widgets.coordinator.kernels import KernelSite
-    from pets_widgets.coordinator.remote import close_sites, start_sites
-
     policy = policy or Policy()
     bits = key_bits if key_bits is not None else (config.key_bits or DEFAULT_KEY_BITS)
     capacity = site_capacity if site_capacity is not None else config.site_capacity
@@ -367,22 +361,22 @@ def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | o
                              floors or Floors(), capacity, schema.sites)
     backends: list[Any] = []
     remote: list[Any] = []
-    for sc in config.sites:
-        if sc.backend == "service":
-            service = (embedded_service(sc, generated) if sc.url is None else ServiceSite(
-                sc.name, sc.url, token_env=sc.token_env, verify_key=sc.verify_key,
-                sites=schema.sites, ca_file=sc.ca_file, client_cert=sc.client_cert,
-                client_key=sc.client_key, timeout=sc.timeout, start_timeout=sc.start_timeout,
-                population=(read_population(sc.population, sc.name)
-                            if sc.population is not None else None)))
-            backends.append(service)
-            remote.append(service)
-            continue
-        site_file = sc.config or str(generated.write(sc))
-        population = (read_population(sc.population, sc.name) if sc.population is not None
-                      else None)
-        if sc.backend == "local":
-            site_config = load_site_config(site_file)
+    try:
+        for sc in config.sites:
+            population = (read_population(sc.population, sc.name)
+                          if sc.population is not None else None)
+            if sc.backend == "service":
+                service = (embedded_service(sc, generated, capacity) if sc.url is None
+                           else ServiceSite(sc.name, sc.url, token_env=sc.token_env,
+                                            verify_key=sc.verify_key, sites=schema.sites,
+                                            ca_file=sc.ca_file, client_cert=sc.client_cert,
+                                            client_key=sc.client_key, timeout=sc.timeout,
+                                            start_timeout=sc.start_timeout,
+                                            population=population))
+                backends.append(service)
+                remote.append(service)
+                continue
+            site_config = load_site_config(sc.config or generated.write(sc))
             _check_member(site_config, sc.name, schema.sites, capacity)
             try:
                 site = open_site(site_config)
@@ -390,23 +384,7 @@ def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | o
                 raise exc.counted() from None
             backends.append(LocalSite(site, source=site_config.source, population=population,
                                       config=site_config.path))
-            continue
-        backend: KernelSite | GatewaySite
-        if sc.backend == "kernel":
-            backend = KernelSite(
-                sc.name, site_file, sites=schema.sites, source=sc.source,
-                kernel_name=sc.kernel_name, timeout=sc.timeout, start_timeout=sc.start_timeout,
-                population=population)
-        else:
-            assert sc.url is not None and sc.token_env is not None
-            backend = GatewaySite(
-                sc.name, site_file, url=sc.url, token_env=sc.token_env, sites=schema.sites,
-                source=sc.source, kernel_name=sc.kernel_name, timeout=sc.timeout,
-                start_timeout=sc.start_timeout, population=population)
-        backends.append(backend)
-        remote.append(backend)
-    start_sites(remote)
-    try:
+        start_sites(remote)
         return Federation(backends, enclave)
     except BaseException:
         close_sites(remote)
@@ -454,20 +432,28 @@ class SiteDefaults:
             signing_key=entry.key_file or "signing-key.pem", token_env=token_env)
 
 
-def embedded_service(entry: SiteConfig, defaults: SiteDefaults) -> ServiceSite:
-    """A site service on 127.0.0.1 for ``entry``, started here as its operator would:
-    its configuration and key written first (the verify key is read from the key file and
-    pinned), then ``site serve`` in its own process with a fresh token in its environment.
-    """
-    path = defaults.write(entry, token_env=EMBEDDED_TOKEN_ENV)
-    key = load_signing_key(path.parent / "signing-key.pem")
+def embedded_service(entry: SiteConfig, defaults: SiteDefaults, capacity: int) -> ServiceSite:
+    """A site service on 127.0.0.1 for ``entry``, started here as its operator would: its
+    configuration (the registry's own, or one written for this run) and key first (the
+    verify key is read from the key file and pinned), then ``site serve`` in its own process
+    with a fresh token in its environment."""
+    if entry.config is not None:
+        path = Path(entry.config)
+        site_config = load_site_config(path)
+        _check_member(site_config, entry.name, defaults.sites, capacity)
+        token_env = site_config.service.token_env
+    else:
+        path, token_env = defaults.write(entry, token_env=EMBEDDED_TOKEN_ENV), EMBEDDED_TOKEN_ENV
+        site_config = load_site_config(path)
+    key = load_signing_key(site_config.signing_key)
     token, port = secrets.token_hex(16), free_port()
-    process = SiteProcess(path, port, token, EMBEDDED_TOKEN_ENV,
-                          log=path.parent / "service.log")
+    process = SiteProcess(path, port, token, token_env, log=path.parent / "service.log")
+    population = (read_population(entry.population, entry.name)
+                  if entry.population is not None else None)
     return ServiceSite(entry.name, f"http://127.0.0.1:{port}", token=token,
                        verify_key=key.public.to_bytes().hex(), sites=defaults.sites,
                        timeout=entry.timeout, start_timeout=entry.start_timeout,
-                       source=entry.source, process=process)
+                       source=site_config.source, population=population, process=process)
 
 
 #: The variable an embedded site service reads its token from.
@@ -482,10 +468,11 @@ def demo_federation(seed: int = 7, n_sites: int = 2, rows_per_site: int | None =
                     floors: Floors | None = None) -> Federation:
     """A federation of synthetic registries: NDRS and NCI by default, seeded and realistic.
 
-    ``backend="local"`` keeps the sites in this process; ``backend="kernel"`` starts each
-    site in its own Jupyter kernel (in parallel), which generates its rows itself; both
-    give the same rows for the same seed. Close a kernel federation with ``fed.close()``
-    or a ``with`` block (it is also closed at interpreter exit).
+    ``backend="local"`` keeps the sites in this process; ``backend="service"`` starts each
+    site as its own site service on 127.0.0.1 (``site serve``, in parallel; ``"kernel"`` is
+    its old name), which generates its rows itself; both give the same rows for the same
+    seed. Close a service federation with ``fed.close()`` or a ``with`` block (it is also
+    closed at interpreter exit).
     ``ledger`` is the SQLite file of the audit log and budget (a temporary file when None).
     Each site approves the image digest of an enclave running this code with ``policy``: a
     quietly changed policy or code is refused at attestation. ``debug=True`` launches a debug
@@ -497,10 +484,12 @@ def demo_federation(seed: int = 7, n_sites: int = 2, rows_per_site: int | None =
     the largest demo site's size rounded up to two significant figures and at least to the
     next hundred (:func:`~pets_widgets.core.packing.capacity_for`).
     """
-    if backend not in ("local", "kernel", "service"):
+    if backend == "kernel":
+        backend = "service"  # its old name: each site in its own process
+    if backend not in ("local", "service"):
         raise QueryValidationError("backend", f"{backend!r} is not available for the demo "
-                                   "(gateway sites need a configuration file: "
-                                   "Federation.from_config)", ["local", "kernel", "service"])
+                                   "(sites elsewhere need a federation file: "
+                                   "Federation.from_config)", ["local", "service"])
     profiles = synthetic.profiles(n_sites, rows_per_site)
     if site_capacity is None:
         site_capacity = capacity_for(max(

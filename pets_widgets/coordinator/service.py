@@ -19,7 +19,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from pets_widgets.core.wire import AggregateRequest, EncryptedAggregate
 
 #: Seconds a site may take to answer one query, and to come up, by default.
 DEFAULT_TIMEOUT = 60.0
-DEFAULT_START_TIMEOUT = 60.0
+DEFAULT_START_TIMEOUT = 180.0
 #: A cached nonce is used only while it has at least this many seconds left.
 NONCE_MARGIN = 30.0
 
@@ -110,11 +111,13 @@ class ServiceSite:
         deadline = time.monotonic() + self.start_timeout
         while True:
             try:
-                info = self._status()
+                info = self._status(max(1.0, deadline - time.monotonic()))
                 break
             except SiteError as exc:
-                # A service still starting refuses connections (or TLS handshakes)
-                if exc.rule not in ("unreachable", "tls") or time.monotonic() > deadline:
+                # A service still starting refuses connections (or TLS handshakes), or holds
+                # the request until its kernel has loaded the site's rows.
+                if (exc.rule not in ("unreachable", "tls", "timeout")
+                        or time.monotonic() > deadline):
                     raise
                 if self._process is not None and self._process.exited():
                     raise SiteError(self.name, "its service stopped while starting "
@@ -177,8 +180,8 @@ class ServiceSite:
         self.state = "closed"
 
     # -- HTTP ------------------------------------------------------------------------------
-    def _status(self) -> dict[str, Any]:
-        info = self._call("GET", "/status", None, self.timeout, "status")
+    def _status(self, timeout: float | None = None) -> dict[str, Any]:
+        info = self._call("GET", "/status", None, timeout or self.timeout, "status")
         if not isinstance(info.get("nonce"), str):
             raise SiteIntegrityError(self.name, "its status carries no nonce")
         self.rows_rounded = info.get("rows") if isinstance(info.get("rows"), int) else None
@@ -192,7 +195,8 @@ class ServiceSite:
                                              timeout=(min(timeout, 10.0), timeout),
                                              verify=self._verify)
         except requests.Timeout:
-            raise SiteError(self.name, f"did not answer {op} within {timeout:g} s") from None
+            raise SiteError(self.name, f"did not answer {op} within {timeout:g} s",
+                            rule="timeout") from None
         except requests.exceptions.SSLError:
             raise SiteError(self.name, "refused the TLS connection (certificate)",
                             rule="tls") from None
@@ -231,6 +235,42 @@ def _site_error(site: str, status: int, payload: Mapping[str, Any]) -> SiteError
     if error == "QueryValidationError":
         return SiteError(site, f"the site rejected the request: {message}", rule=rule)
     return SiteError(site, f"{error or 'HTTP ' + str(status)}: {message}", rule=rule)
+
+
+# --------------------------------------------------------------------------- many sites
+def start_sites(sites: Sequence[Any]) -> None:
+    """Start sites in parallel; on any failure stop them all and raise the first error."""
+    if not sites:
+        return
+    with ThreadPoolExecutor(max_workers=len(sites), thread_name_prefix="pets-start") as pool:
+        futures = [pool.submit(site.start) for site in sites]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        close_sites(sites)
+        raise errors[0]  # type: ignore[misc]
+
+
+def close_sites(sites: Sequence[Any]) -> None:
+    """Close sites in parallel (a graceful kernel shutdown takes a few tenths of a second).
+
+    Plain threads rather than an executor: this also runs at interpreter exit, when
+    ``concurrent.futures`` no longer accepts work.
+    """
+    closers = [c for s in sites if (c := getattr(s, "close", None)) is not None]
+    if len(closers) <= 1:
+        for closer in closers:
+            closer()
+        return
+
+    def quietly(closer: Any) -> None:
+        with contextlib.suppress(Exception):
+            closer()
+
+    threads = [threading.Thread(target=quietly, args=(c,), name="pets-stop") for c in closers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30.0)
 
 
 # --------------------------------------------------------------------------- local services

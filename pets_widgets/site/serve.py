@@ -12,13 +12,18 @@ needs no locking across kernels).
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from kernel_gateway.gatewayapp import KernelGatewayApp
+from tornado import httpserver
 from tornado.ioloop import PeriodicCallback
 from traitlets.config import Config
 
@@ -34,24 +39,44 @@ PARENT_ENV = "PETS_PARENT_PID"
 #: Seconds a client may keep a connection idle, or take to send a request's body.
 IDLE_SECONDS = 75.0
 BODY_SECONDS = 30.0
+#: Seconds between the kernel pool's subscription to its kernel and the first request.
+SUBSCRIBE_SECONDS = 0.5
 
 
 class SiteGatewayApp(KernelGatewayApp):
-    """Kernel Gateway with the limits a site needs and a clean stop on SIGINT and SIGTERM."""
+    """Kernel Gateway with the limits a site needs, serving only once its kernel is ready,
+    and a clean stop on SIGINT and SIGTERM."""
 
     max_body = 8 * 2**20
     announce = ""
 
     def init_http_server(self) -> None:
-        super().init_http_server()
-        # tornado's HTTP/1 parameters of every new connection: a body larger than max_body
-        # is refused before it reaches the kernel, and slow or idle clients are cut off.
-        params = self.http_server.conn_params
-        params.max_body_size = self.max_body
-        params.body_timeout = BODY_SECONDS
-        params.header_timeout = BODY_SECONDS
-        self.http_server.max_buffer_size = self.max_body + 2**16
-        self.http_server.idle_connection_timeout = IDLE_SECONDS
+        # The server is made here and listens only once the site's kernel is seeded (see
+        # _serve_when_ready). Its tornado limits: a body larger than max_body is refused
+        # before it reaches the kernel, and slow or idle clients are cut off.
+        self.http_server = httpserver.HTTPServer(
+            self.web_app, xheaders=self.trust_xheaders, ssl_options=self._build_ssl_options(),
+            max_body_size=self.max_body, max_buffer_size=self.max_body + 2**16,
+            body_timeout=BODY_SECONDS, idle_connection_timeout=IDLE_SECONDS)
+
+    async def _serve_when_ready(self) -> None:
+        """Listen once the kernel pool is ready, and a moment later than that.
+
+        The pool subscribes to its kernel's output (ZeroMQ PUB/SUB) only when seeding ends;
+        a request waiting at that moment can have its reply published before the
+        subscription is in place, and then waits forever. Nothing can connect before the
+        subscription has settled, so no request meets that race.
+        """
+        await self.personality.kernel_pool.managed_pool_initialized
+        await asyncio.sleep(SUBSCRIBE_SECONDS)
+        try:
+            self.http_server.listen(self.port, self.ip)
+        except OSError as exc:
+            self.log.critical("cannot listen on %s:%s (%s)", self.ip, self.port, exc)
+            self.stop()
+            return
+        if self.announce:
+            print(self.announce, flush=True)
 
     def init_signal(self) -> None:
         # Stop at once on Ctrl-C as on SIGTERM (no "shut down? y/n" prompt): the kernels are
@@ -61,8 +86,7 @@ class SiteGatewayApp(KernelGatewayApp):
 
     def start_app(self) -> None:
         super().start_app()
-        if self.announce:
-            print(self.announce, flush=True)
+        self.io_loop.add_callback(self._serve_when_ready)
         parent = os.environ.get(PARENT_ENV)
         if parent and parent.isdigit():
             # Started by a coordinator for the embedded default: stop when it is gone (a
@@ -95,7 +119,9 @@ def gateway_config(config: SiteConfiguration, host: str, port: int, token: str) 
     if service.client_ca is not None:
         app.client_ca = str(service.client_ca)
     c.NotebookHTTPPersonality.allow_notebook_download = False
-    # The gateway and its kernel talk over CurveZMQ-encrypted ZeroMQ on this machine.
+    # The gateway and its kernel talk over CurveZMQ-encrypted ZeroMQ through Unix sockets in
+    # a private folder: no TCP port to collide with another service's kernel, or to reach.
+    c.KernelManager.transport = "ipc"
     c.KernelManager.transport_encryption = "required"
     return c
 
@@ -123,6 +149,10 @@ def serve(config_path: str | os.PathLike[str], host: str = LOOPBACK,
     # configuration, and the only way (no request can name a path).
     os.environ[CONFIG_ENV] = str(config.path)
     os.environ.pop("KG_AUTH_TOKEN", None)
+    # The kernel's connection file and sockets live in a folder of this process (0700).
+    runtime = tempfile.mkdtemp(prefix="pets-site-runtime-")
+    atexit.register(shutil.rmtree, runtime, True)
+    os.environ["JUPYTER_RUNTIME_DIR"] = runtime
     app: Any = SiteGatewayApp(config=gateway_config(config, host, port, token))
     app.max_body = config.service.max_body
     app.announce = (f"site {config.name} serving at {scheme}://{host}:{port}/ "

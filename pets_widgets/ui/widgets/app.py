@@ -92,8 +92,9 @@ def dashboard(fed: Federation | None = None, backend: str = "service", seed: int
     synthetic demo federation.
 
     ``config`` (or, when it is None, the file named by ``$PETS_SITES_CONFIG``) is a TOML site
-    configuration (:mod:`pets_widgets.coordinator.config`): local, kernel or gateway sites, so
-    the same dashboard runs against remote Kernel Gateways by changing the file only. A file
+    configuration (:mod:`pets_widgets.coordinator.config`): site services (by URL, or
+    started here) or local sites, so the same dashboard runs against the registries' own
+    services by changing the file only. A file
     with any real (non-synthetic) registry must name its ledger (``[federation] ledger``):
     every page load is a new kernel, and a temporary ledger would give each one a fresh
     budget. Without
