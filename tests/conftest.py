@@ -60,6 +60,15 @@ def fed(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
     return make_fed(tmp_path_factory, request.module.__name__.rsplit(".", 1)[-1], seed=5)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_by_the_suite() -> Iterator[None]:
+    """After the whole suite: no site service, kernel or gateway it started is running."""
+    yield
+    from .kernel_helpers import assert_no_kernel_children
+
+    assert_no_kernel_children(timeout=30.0)
+
+
 @pytest.fixture(scope="module")
 def no_leaked_kernels() -> Iterator[None]:
     """Fails the module if a kernel or gateway it started is still running at its end."""

@@ -353,7 +353,8 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(tmp_path):
         process.stop()
 
 
-def test_the_site_service_command_stops_cleanly_on_sigterm(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_the_site_service_command_stops_cleanly(tmp_path, stop):
     path = site_file(tmp_path, "NDRS", sites=["NDRS"], capacity=500,
                      source={"kind": "synthetic", "seed": 1, "size": 300})
     token, port = secrets.token_hex(16), free_port()
@@ -362,7 +363,7 @@ def test_the_site_service_command_stops_cleanly_on_sigterm(tmp_path):
     site.start()
     kernels = psutil.Process(process.pid).children(recursive=True)
     assert kernels  # its one kernel
-    process._proc.send_signal(signal.SIGTERM)
+    process._proc.send_signal(stop)
     assert process._proc.wait(20) == 0
     log = (tmp_path / "log").read_text()
     assert "serving at http://127.0.0.1" in log and "verify key" in log

@@ -26,6 +26,8 @@ from typing import Any
 
 import pandas as pd
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from pets_widgets.core.errors import (
     IntegrityError,
@@ -39,6 +41,8 @@ from pets_widgets.core.wire import AggregateRequest, EncryptedAggregate
 #: Seconds a site may take to answer one query, and to come up, by default.
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_START_TIMEOUT = 180.0
+#: Seconds to open a connection to a site (a reply may take up to the site's timeout).
+CONNECT_SECONDS = 10.0
 #: A cached nonce is used only while it has at least this many seconds left.
 NONCE_MARGIN = 30.0
 
@@ -80,6 +84,12 @@ class ServiceSite:
         self._verify_key: VerifyKey | None = None
         self._process = process
         self._session = requests.Session()
+        # Retry only a connection that was refused or dropped before the request was sent
+        # (nothing reached the site); a slow reply is the site's answer, never asked twice.
+        retry = Retry(total=2, connect=2, read=False, status=0, other=0, redirect=0,
+                      backoff_factor=0.05, raise_on_status=False)
+        self._session.mount("http://", HTTPAdapter(max_retries=retry))
+        self._session.mount("https://", HTTPAdapter(max_retries=retry))
         self._session.headers["Authorization"] = f"token {token}"
         # Passed with every request: a Session's own verify loses to $REQUESTS_CA_BUNDLE.
         self._verify: str | bool = ca_file if ca_file is not None else True
@@ -192,7 +202,7 @@ class ServiceSite:
         """One request; every failure is a :class:`SiteError` naming this site and why."""
         try:
             response = self._session.request(method, self.url + route, json=body,
-                                             timeout=(min(timeout, 10.0), timeout),
+                                             timeout=(CONNECT_SECONDS, timeout),
                                              verify=self._verify)
         except requests.Timeout:
             raise SiteError(self.name, f"did not answer {op} within {timeout:g} s",
