@@ -62,6 +62,7 @@ from pets_widgets.coordinator.service import DEFAULT_START_TIMEOUT, DEFAULT_TIME
 from pets_widgets.core.errors import ConfigError
 from pets_widgets.core.packing import DEFAULT_SITE_CAPACITY
 from pets_widgets.core.paillier import ALLOWED_KEY_BITS
+from pets_widgets.site.config import config_path
 from pets_widgets.site.sources import Source, anchored, source_from_dict
 
 BACKENDS = ("local", "service")
@@ -173,14 +174,21 @@ def parse_config(data: Mapping[str, Any], base: Path | None = None,
     if ledger is not None:
         if not isinstance(ledger, str) or not ledger.strip():
             raise ConfigError(f"{label}: ledger must be the path of an SQLite file")
-        ledger = str(base / ledger) if base is not None else ledger
+        ledger = _inside(ledger, "ledger", base, label)
     verifier = fed.get("verifier")
     if verifier is not None:
         if not isinstance(verifier, str) or not verifier.strip():
             raise ConfigError(f"{label}: verifier must be the folder of the platform "
                               "verifier's key and JWKS")
-        verifier = str(base / verifier) if base is not None else verifier
+        verifier = _inside(verifier, "verifier", base, label)
     return FederationConfig(sites, key_bits, capacity, label, ledger, verifier)
+
+
+def _inside(value: object, key: str, base: Path | None, where: str) -> str:
+    """A path of this file made absolute; a relative one may not leave the file's folder."""
+    if base is None:
+        return str(value)
+    return str(config_path(value, key, base, where))
 
 
 def _positive(value: object, what: str) -> float:
@@ -230,7 +238,7 @@ def _site(raw: object, index: int, label: str, base: Path | None,
                               "source and signing key from there; remove source and key_file")
         if not isinstance(site_config, str) or not site_config.strip():
             raise ConfigError(f"{where}: config must be the path of the site's site.toml")
-        site_config = str(base / site_config) if base is not None else site_config
+        site_config = _inside(site_config, "config", base, where)
     elif "source" not in raw:
         raise ConfigError(f"{where}: needs a source table (synthetic, csv, parquet or sql), "
                           "config (the path of the registry's own site configuration) or url "
@@ -241,15 +249,16 @@ def _site(raw: object, index: int, label: str, base: Path | None,
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         if base is not None:
-            source = anchored(source, base)
+            source = anchored(source, base,
+                              lambda path, key: config_path(path, key, base, where))
     key_file = raw.get("key_file")
     if key_file is not None:
-        key_file = str(base / str(key_file)) if base is not None else str(key_file)
+        key_file = _inside(key_file, "key_file", base, where)
     population = raw.get("population")
     if population is not None:
         if not isinstance(population, str) or not population.strip():
             raise ConfigError(f"{where}: population must be the path of a CSV file")
-        population = str(base / population) if base is not None else population
+        population = _inside(population, "population", base, where)
     return SiteConfig(
         name=name.strip(), backend=backend, source=source, population=population,
         timeout=_positive(raw.get("timeout", default_timeout), f"{where}: timeout"),
@@ -281,7 +290,7 @@ def _service_site(raw: Mapping[str, Any], name: str, where: str, base: Path | No
         value = raw.get(key)
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise ConfigError(f"{where}: {key} must be a file path")
-        files[key] = None if value is None else str(base / value) if base else value
+        files[key] = None if value is None else _inside(value, key, base, where)
     if files["client_key"] is not None and files["client_cert"] is None:
         raise ConfigError(f"{where}: client_key goes with client_cert")
     return SiteConfig(

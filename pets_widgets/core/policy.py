@@ -19,6 +19,10 @@ class Policy:
     ``min_subset``: a filtered query whose pooled noisy subset is smaller is refused
     (DataSHIELD's nfilter.subset). ``protection``: the narrowest feasible range an attacker
     may derive for any hidden cell from the released table and its margins.
+    ``min_epsilon``: the least epsilon one release may spend (below it the noise is too wide
+    to mean anything, and its scale too large to compute with). ``max_cells`` and
+    ``max_strata``: the most cells one query may have, and strata one survival query: limits
+    on the work one query can ask of every site, refused before any site is asked.
     """
 
     k: int = 5
@@ -28,6 +32,9 @@ class Policy:
     min_subset: int = 10
     protection: int = 5
     mechanism: str = "discrete_laplace"
+    min_epsilon: float = 0.01
+    max_cells: int = 20_000
+    max_strata: int = 60
 
     def __post_init__(self) -> None:
         checks = {
@@ -36,6 +43,8 @@ class Policy:
             "federation_budget": self.federation_budget >= self.analyst_budget,
             "min_subset": self.min_subset >= 0, "protection": self.protection >= 0,
             "mechanism": self.mechanism == "discrete_laplace",
+            "min_epsilon": 0 < self.min_epsilon <= self.max_epsilon,
+            "max_cells": self.max_cells >= 1, "max_strata": self.max_strata >= 1,
         }
         for name, ok in checks.items():
             value = getattr(self, name)
@@ -54,7 +63,9 @@ class Policy:
     def describe(self) -> str:
         """The policy in words a research governance board can read."""
         return (
-            f"Each release may spend at most epsilon {self.max_epsilon:g}. Every released "
+            f"Each release may spend from epsilon {self.min_epsilon:g} to "
+            f"{self.max_epsilon:g}, over at most {self.max_cells:,} cells (a survival query "
+            f"at most {self.max_strata} strata). Every released "
             f"number carries exact discrete Laplace noise; any cell whose noisy value is below "
             f"{self.k} is hidden, and further cells are hidden where needed so a hidden cell "
             f"cannot be worked out from totals to within {self.protection}. Queries whose "

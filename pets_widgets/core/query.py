@@ -35,6 +35,11 @@ from pets_widgets.core.errors import QueryValidationError
 _BASE = S.default_schema()
 
 FilterValue = tuple[Any, ...]
+#: Published limits on what a spec may hold, checked before anything else reads it: values
+#: in one filter list, characters of spec JSON, and nesting of that JSON.
+MAX_FILTER_VALUES = 1_000
+MAX_SPEC_CHARS = 100_000
+MAX_SPEC_DEPTH = 20
 
 
 class Where(Mapping[str, FilterValue]):
@@ -109,6 +114,12 @@ def _normalise_filter(var: S.Variable, raw: object, field_name: str) -> FilterVa
             raise QueryValidationError(field_name, f"range ({lo}, {hi}) is out of bounds", allowed)
         return None if (lo, hi) == (lo_b, hi_b) else (lo, hi)
 
+    if isinstance(raw, Mapping):
+        raise QueryValidationError(field_name, "is a mapping; give a list of values",
+                                   var.values)
+    if isinstance(raw, (list, tuple, set, frozenset)) and len(raw) > MAX_FILTER_VALUES:
+        raise QueryValidationError(field_name, f"lists {len(raw):,} values; at most "
+                                   f"{MAX_FILTER_VALUES:,}", var.values)
     values = [raw] if isinstance(raw, (str, bool)) or not isinstance(raw, Iterable) else list(raw)
     if not values:
         raise QueryValidationError(field_name, "selects no value", var.values)
@@ -158,10 +169,21 @@ def _normalise_where(where: Mapping[str, object] | None, schema: S.Schema) -> Wh
     return Where({k: out[k] for k in schema.names if k in out})
 
 
+def _name_list(by: object, field_name: str, allowed: Iterable[str]) -> list[object]:
+    """A variable name, or a list or tuple of them; a mapping (whose keys a loop would
+    quietly take) or anything else is refused naming the field."""
+    if isinstance(by, str):
+        return [by]
+    if isinstance(by, (list, tuple)):
+        return list(by)
+    raise QueryValidationError(field_name, f"is a {type(by).__name__}; give a variable name "
+                               "or a list of them", list(allowed))
+
+
 def _normalise_by(by: object, schema: S.Schema, field_name: str = "by") -> tuple[str, ...]:
     if by is None:
         return ()
-    items = [by] if isinstance(by, str) else list(by)  # type: ignore[call-overload]
+    items = _name_list(by, field_name, schema.groupable)
     names = [_resolve_variable(b, field_name, schema.groupable) for b in items]
     if len(set(names)) != len(names):
         raise QueryValidationError(field_name, f"repeats a variable in {names}", schema.groupable)
@@ -491,7 +513,7 @@ def _normalise_strata(by: object, field_name: str, allowed: tuple[str, ...],
     """``by`` as 0 to ``most`` distinct variables among ``allowed``, in schema order."""
     if by is None:
         return ()
-    items = [by] if isinstance(by, str) else list(by)  # type: ignore[call-overload]
+    items = _name_list(by, field_name, allowed)
     names = [_resolve_variable(b, field_name, allowed) for b in items]
     if len(set(names)) != len(names):
         raise QueryValidationError(field_name, f"repeats a variable in {names}", allowed)
@@ -635,11 +657,16 @@ class IncidenceRate(QuerySpec):
 
 
 def spec_from_dict(data: Mapping[str, Any]) -> QuerySpec:
-    """Rebuild (and re-validate) a spec from its :meth:`QuerySpec.to_dict` form."""
+    """Rebuild (and re-validate) a spec from its :meth:`QuerySpec.to_dict` form.
+
+    Whatever ``data`` holds, the result is a spec or a :class:`QueryValidationError` naming
+    the field: a value of the wrong type anywhere is refused, never let through as another
+    exception.
+    """
     if not isinstance(data, Mapping) or "kind" not in data:
         raise QueryValidationError("kind", "missing", sorted(_KINDS))
     kind = data["kind"]
-    if kind not in _KINDS:
+    if not isinstance(kind, str) or kind not in _KINDS:
         raise QueryValidationError("kind", f"{kind!r} is not a query kind", sorted(_KINDS))
     cls = _KINDS[kind]
     known = {f.name for f in fields(cls)}
@@ -648,16 +675,48 @@ def spec_from_dict(data: Mapping[str, Any]) -> QuerySpec:
         raise QueryValidationError(sorted(extra)[0], "is not a field of " + cls.__name__,
                                    sorted(known))
     kwargs = {k: v for k, v in data.items() if k != "kind"}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except QueryValidationError:
+        raise
+    except (TypeError, ValueError, AttributeError, RecursionError, OverflowError) as exc:
+        raise QueryValidationError(kind, f"has a field of the wrong type "
+                                   f"({type(exc).__name__})", sorted(known)) from None
 
 
 def spec_from_json(text: str | bytes) -> QuerySpec:
-    """Rebuild a spec from :meth:`QuerySpec.to_json` text; validation runs again."""
+    """Rebuild a spec from :meth:`QuerySpec.to_json` text; validation runs again.
+
+    Any text gives a spec or a :class:`QueryValidationError`: text longer than
+    :data:`MAX_SPEC_CHARS` or nested deeper than :data:`MAX_SPEC_DEPTH` is refused before it
+    is parsed.
+    """
+    if not isinstance(text, (str, bytes)):
+        raise QueryValidationError("json", f"expected text, got {type(text).__name__}")
+    if len(text) > MAX_SPEC_CHARS:
+        raise QueryValidationError("json", f"is {len(text):,} characters; at most "
+                                   f"{MAX_SPEC_CHARS:,}")
+    if _nesting(text) > MAX_SPEC_DEPTH:
+        raise QueryValidationError("json", f"is nested more than {MAX_SPEC_DEPTH} deep")
     try:
         data = json.loads(text)
-    except (TypeError, ValueError) as exc:
-        raise QueryValidationError("json", f"not valid JSON ({exc})") from None
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise QueryValidationError("json", f"not valid JSON ({type(exc).__name__})") from None
     return spec_from_dict(data)
+
+
+def _nesting(text: str | bytes) -> int:
+    """The deepest bracket nesting of JSON text (brackets inside strings count too: an
+    over-estimate, which only ever refuses)."""
+    chars = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+    depth = deepest = 0
+    for char in chars:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 
 
 def query_kinds() -> tuple[str, ...]:

@@ -184,9 +184,10 @@ class Gatekeeper:
             raise
         return spec.canonical(self.schema), eps, k_int
 
-    def enforce(self, query: QueryRecord, kind: str, k: int) -> None:
-        """Refuse a query that breaks a floor of the policy (or meets a locked ledger)."""
-        policy, eps = self.policy, query.charge
+    def enforce(self, query: QueryRecord, spec: QuerySpec, k: int) -> None:
+        """Refuse a query that breaks a floor or a limit of the policy (or meets a locked
+        ledger), before any site is asked."""
+        policy, eps, kind = self.policy, query.charge, spec.kind
         locked = self.ledger.meta("locked")
         if locked:
             self.refuse(query, QueryRefused(
@@ -196,10 +197,25 @@ class Gatekeeper:
             self.refuse(query, QueryRefused(
                 "max_epsilon", f"epsilon {float(eps):g} is above the policy maximum of "
                 f"{policy.max_epsilon:g} per release"))
+        if eps < Fraction(str(policy.min_epsilon)):
+            self.refuse(query, QueryRefused(
+                "min_epsilon", f"epsilon {float(eps):g} is below the policy minimum of "
+                f"{policy.min_epsilon:g} per release"))
         if k < policy.k:
             self.refuse(query, QueryRefused(
                 "k", f"k={k} is below the policy minimum of {policy.k}: cells below "
                 f"{policy.k} are always hidden"))
+        cells = spec.layout(self.schema).size
+        if cells > policy.max_cells:
+            self.refuse(query, QueryRefused(
+                "max_cells", f"the query has {cells:,} cells; the policy allows at most "
+                f"{policy.max_cells:,} per query (group by fewer variables, or filter)"))
+        if kind == "survival":
+            strata = math.prod(len(self.schema[n].values) for n in spec.stratifiers())
+            if strata > policy.max_strata:
+                self.refuse(query, QueryRefused(
+                    "max_strata", f"the survival query has {strata:,} strata; the policy "
+                    f"allows at most {policy.max_strata}"))
         if set(query.sites) != set(self.schema.sites):
             self.refuse(query, QueryRefused(
                 "sites", "every site of the federation must take part in every query"))

@@ -128,7 +128,7 @@ class Enclave:
         sites = tuple(sites)
         spec, eps, k_int = self._gate.validated(spec, epsilon, k, analyst, sites)
         query = QueryRecord(analyst, spec.hash, spec.to_json(), sites, eps)
-        self._gate.enforce(query, spec.kind, k_int)
+        self._gate.enforce(query, spec, k_int)
         self._gate.refused_before(spec, query)
         admission = self._admission(spec, eps, k_int, analyst, sites)
         stored = self.ledger.stored(admission.release_key)

@@ -69,7 +69,7 @@ class Releaser:
         except IntegrityError as exc:
             ledger.record(query, audit.FAILED, rule="integrity", reason=str(exc))
             raise
-        self._gate.enforce(query, spec.kind, admission.k)
+        self._gate.enforce(query, spec, admission.k)
         stored = ledger.stored(admission.release_key)
         if stored is not None:  # an identical query finished while the sites worked
             return self.repeat(admission, stored)

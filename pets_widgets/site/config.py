@@ -165,12 +165,12 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfiguration:
         source = source_from_dict(_table(data, "source", label, required=True))
     except ConfigError as exc:
         raise ConfigError(f"{label}: source: {exc}") from None
-    source = anchored(source, base, lambda path, key: _path(path, key, base, label))
+    source = anchored(source, base, lambda path, key: config_path(path, key, base, label))
     return SiteConfiguration(
         name=name, capacity=capacity,
-        signing_key=_path(data.get("signing_key", "signing-key.pem"), "signing_key", base,
+        signing_key=config_path(data.get("signing_key", "signing-key.pem"), "signing_key", base,
                           label),
-        budget=_path(data.get("budget", "site-budget.sqlite"), "budget", base, label),
+        budget=config_path(data.get("budget", "site-budget.sqlite"), "budget", base, label),
         source=source, trust=_trust(_table(data, "trust", label, required=True), base, label),
         floors=_floors(_table(data, "floor", label), label), sites=sites, path=path,
         service=_service(_table(data, "service", label), base, label))
@@ -195,7 +195,7 @@ def _known(table: Mapping[str, Any], allowed: Sequence[str], label: str, where: 
                           f"{list(allowed)}")
 
 
-def _path(value: object, key: str, base: Path, label: str) -> Path:
+def config_path(value: object, key: str, base: Path, label: str) -> Path:
     """A configured path made absolute: a relative one must stay inside ``base``."""
     if not isinstance(value, str) or not value.strip() or "\x00" in value:
         raise ConfigError(f"{label}: {key} must be a file path")
@@ -211,7 +211,7 @@ def _path(value: object, key: str, base: Path, label: str) -> Path:
 
 def _trust(table: Mapping[str, Any], base: Path, label: str) -> SiteTrust:
     _known(table, TRUST_KEYS, label, "[trust]")
-    jwks_path = _path(table.get("verifier_jwks"), "trust.verifier_jwks", base, label)
+    jwks_path = config_path(table.get("verifier_jwks"), "trust.verifier_jwks", base, label)
     try:
         jwks = json.loads(jwks_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -286,7 +286,7 @@ def _service(table: Mapping[str, Any], base: Path, label: str) -> ServiceSetting
         raise ConfigError(f"{label}: service.token_env must be the NAME of an environment "
                           "variable holding the token (letters, digits, _)")
     files = {key: None if table.get(key) is None
-             else _path(table[key], f"service.{key}", base, label)
+             else config_path(table[key], f"service.{key}", base, label)
              for key in ("certfile", "keyfile", "client_ca")}
     if (files["certfile"] is None) != (files["keyfile"] is None):
         raise ConfigError(f"{label}: service.certfile and service.keyfile go together (TLS)")
