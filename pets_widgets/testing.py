@@ -63,7 +63,9 @@ def release_exact(enclave: Enclave, admission: Admission,
 
 def noiseless(fed: Federation, spec: QuerySpec) -> Release:
     """A Release from exact totals: the full encrypted pipeline (the federation's own gather
-    of every site's aggregate), with no noise, no suppression and no budget."""
+    of every site's aggregate), with no noise, no suppression and no budget. Its table is in
+    the canonical (dictionary) order of ``by``, as the pandas oracles group; ``fed.run``
+    returns the user's order (``release.ordered(spec.order)`` gives it here too)."""
     admission = admit_exact(fed.enclave, spec, "pets_widgets.testing", fed.site_names)
     aggregates, summed = fed._gather(admission, lambda stage, site, frac: None)
     return release_exact(fed.enclave, admission, aggregates, summed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -157,3 +158,83 @@ def test_an_absolute_path_may_point_anywhere(tmp_path):
         '[[sites]]\nname = "A"\nbackend = "local"\n'
         'source = { kind = "csv", path = "/srv/registry/a.csv" }\n')
     assert load_config(tmp_path / "sites.toml").sites[0].source.path == "/srv/registry/a.csv"
+
+
+# --------------------------------------------------------------------------- 6. equal spellings
+@pytest.mark.parametrize(("a", "b"), [
+    (pw.Count(by=["sex", "tumour_group"]), pw.Count(by=["tumour_group", "sex"])),
+    (pw.Count(where={"sex": "F", "died": True}), pw.Count(where={"died": [1], "SEX": ["f"]})),
+    (pw.Count(where={"tumour_group": ["CNS", "Leukaemia", "CNS"]}),
+     pw.Count(where={"tumour_group": ["leukaemia", "cns"]})),
+    (pw.Count(where={"died": "yes"}), pw.Count(where={"died": [True]})),
+    (pw.Count(where={"age_at_diagnosis": 3}), pw.Count(where={"age_at_diagnosis": (3, 3)})),
+    (pw.Count(where={"sex": ["F", "M"]}), pw.Count()),
+    (pw.Count(by=["Sex"]), pw.Count(by="sex")),
+], ids=["by-order", "case-and-lists", "repeats", "booleans", "one-number", "keeps-all", "names"])
+def test_the_spellings_the_readme_calls_equal_hash_the_same(a, b):
+    assert a.hash == b.hash
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    (pw.Count(where={"age_band": ["<1"]}), pw.Count(where={"age_at_diagnosis": (0, 0)})),
+    (pw.Count(where={"diagnosis_period": ["2015-2019"]}),
+     pw.Count(where={"diagnosis_year": (2015, 2019)})),
+], ids=["age-band", "period"])
+def test_the_spellings_the_readme_calls_different_are_charged_again(a, b):
+    assert a.hash != b.hash
+
+
+# --------------------------------------------------------------------------- 5. table order
+def test_the_table_comes_back_in_the_order_the_user_wrote(fresh_fed):
+    first = fresh_fed.run(pw.Count(by=["subtype", "diagnosis_period"]), epsilon=0.5)
+    assert list(first.table.index.names) == ["subtype", "diagnosis_period"]
+    assert list(first.table.index.get_level_values(0).unique()[:2]) == ["Retinoblastoma",
+                                                                      "Hepatoblastoma"]
+    again = fresh_fed.run(pw.Count(by=["diagnosis_period", "subtype"]), epsilon=0.5)
+    assert again.card.repeated  # the same question: the stored release, in the new order
+    assert list(again.table.index.names) == ["diagnosis_period", "subtype"]
+    swapped = again.table.reorder_levels(["subtype", "diagnosis_period"])
+    pd.testing.assert_frame_equal(swapped.loc[first.table.index], first.table)
+    assert (again.suppressed.reorder_levels(["subtype", "diagnosis_period"])
+            .loc[first.table.index] == first.suppressed).all().all()
+
+
+# --------------------------------------------------------------------------- endurance
+@pytest.mark.slow
+def test_300_mixed_valid_and_malformed_queries_leave_the_federation_answering(tmp_path):
+    import gc
+    import os
+
+    from .conftest import TEST_KEY_BITS
+    from .kernel_helpers import rss_mb
+
+    fed = pw.demo_federation(seed=5, rows_per_site=2_000, key_bits=TEST_KEY_BITS,
+                             ledger=tmp_path / "l.sqlite",
+                             policy=pw.Policy(analyst_budget=1e4, federation_budget=1e4),
+                             floors=pw.Floors(lifetime_epsilon=1e6))
+    bad = [lambda: pw.spec_from_json("[" * 10_000), lambda: pw.spec_from_json('{"kind": 1}'),
+           lambda: fed.run(pw.Count(by=["sex"]), epsilon=-1),
+           lambda: fed.run(pw.Count(by=["sex"]), epsilon=1e-300),
+           lambda: fed.run(pw.Count(by=["sex"]), k=1),
+           lambda: pw.Count(by={"sex": 1}), lambda: pw.Count(where={"sex": ["X"] * 5_000})]
+    specs = [pw.Count(by=["tumour_group"]), pw.Crosstab(rows="sex", cols="age_band"),
+             pw.Mean(variable="age_at_diagnosis", by=["sex"]),
+             pw.Histogram(variable="age_at_diagnosis")]
+
+    def one(i: int) -> None:
+        if i % 2:
+            with pytest.raises((pw.QueryValidationError, pw.QueryRefused)):
+                bad[i % len(bad)]()
+        else:
+            fed.run(specs[i % len(specs)], epsilon=0.01 + 0.001 * (i % 97))
+
+    for i in range(30):
+        one(i)
+    gc.collect()
+    before = rss_mb(os.getpid())
+    for i in range(300):
+        one(i)
+    gc.collect()
+    growth = rss_mb(os.getpid()) - before
+    assert fed.run(pw.Count(by=["sex"]), epsilon=0.5).table is not None
+    assert growth < 40, f"RSS grew {growth:.1f} MB over 300 queries"

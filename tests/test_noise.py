@@ -82,7 +82,9 @@ def released_noise(tmp_path_factory):
         for i, (eps, where) in enumerate(runs):
             spec = pw.Count(by=by, where=where)
             release = fed.run(spec, epsilon=eps, analyst=f"stats{i}")
-            exact = pw.testing.noiseless(fed, spec).table["count"].to_numpy(float)
+            exact_table = pw.testing.noiseless(fed, spec).table  # in the dictionary's order
+            exact = (exact_table.reorder_levels(list(release.table.index.names))
+                     .loc[release.table.index, "count"].to_numpy(float))
             got = release.table["count"].to_numpy(float, na_value=np.nan)
             far = exact >= 40
             assert not np.isnan(got[far]).any()

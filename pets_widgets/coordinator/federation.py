@@ -201,12 +201,12 @@ class Federation:
                                       self.site_names)
         if isinstance(admitted, Release):
             report("release", None, 1.0)
-            return admitted
+            return admitted.ordered(spec.order)
         aggregates, summed = self._gather(admitted, report)
         report("release", None, 0.95)
         release = self.enclave.release(admitted, aggregates, summed)
         report("release", None, 1.0)
-        return release
+        return release.ordered(spec.order)  # the table in the order the user wrote
 
     def _gather(self, admission: Admission,
                 report: Progress) -> tuple[list[EncryptedAggregate], list[int]]:

@@ -180,6 +180,16 @@ def _name_list(by: object, field_name: str, allowed: Iterable[str]) -> list[obje
                                "or a list of them", list(allowed))
 
 
+def _as_given(by: object) -> tuple[str, ...]:
+    """The variables of ``by`` in the order the user wrote them (the table's order; the
+    canonical, hashed form keeps the dictionary's order). Validation comes after."""
+    if isinstance(by, str):
+        return (_norm_name(by),)
+    if isinstance(by, (list, tuple)) and all(isinstance(b, str) for b in by):
+        return tuple(_norm_name(b) for b in by)
+    return ()
+
+
 def _normalise_by(by: object, schema: S.Schema, field_name: str = "by") -> tuple[str, ...]:
     if by is None:
         return ()
@@ -316,6 +326,10 @@ class QuerySpec:
     #: Filters: variable -> allowed values (a list) or, for integers, a (low, high) range; any
     #: mapping is accepted and normalised to a canonical :class:`Where` on validation.
     where: Mapping[str, Any] = field(default_factory=Where, kw_only=True)
+    #: The grouping variables in the order they were given (an attribute, not a field: not
+    #: in the JSON or the hash): the order of the released table's index, as pandas'
+    #: groupby gives it.
+    order: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -417,6 +431,7 @@ class Count(QuerySpec):
     by: tuple[str, ...] = ()
 
     def _normalise(self) -> None:
+        self._set("order", _as_given(self.by))
         self._set("by", _normalise_by(self.by, _BASE))
 
     def stratifiers(self) -> tuple[str, ...]:
@@ -441,6 +456,7 @@ class Mean(QuerySpec):
 
     def _normalise(self) -> None:
         self._set("variable", _resolve_variable(self.variable, "variable", _BASE.summable))
+        self._set("order", _as_given(self.by))
         self._set("by", _normalise_by(self.by, _BASE))
 
     def stratifiers(self) -> tuple[str, ...]:

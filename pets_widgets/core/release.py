@@ -6,8 +6,10 @@ hidden cells missing, the mask, 95% noise intervals and the parameter card.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +38,29 @@ class Release:
     lower: pd.DataFrame
     upper: pd.DataFrame
     extras: dict[str, Any] = field(default_factory=dict)
+
+    def ordered(self, order: Sequence[str]) -> Release:
+        """This release with its table's index levels in ``order`` (the user's order of
+        ``by``), rows sorted level by level in the dictionary's order as pandas' groupby
+        gives them; the numbers are the same (a stored release asked in another order
+        comes back in that order)."""
+        index = self.table.index
+        if (len(order) < 2 or not isinstance(index, pd.MultiIndex)
+                or list(index.names) == list(order) or set(index.names) != set(order)):
+            return self
+        # Each level's values rank in the order they first appear (the table is built in
+        # the dictionary's order, totals last), not in the index's sorted levels.
+        ranks = [pd.factorize(index.get_level_values(n))[0] for n in order]
+        rows = np.lexsort(ranks[::-1])
+
+        def moved(frame: pd.DataFrame) -> pd.DataFrame:
+            out = frame.iloc[rows]
+            out.index = out.index.reorder_levels(list(order))
+            return out
+
+        return dataclasses.replace(self, table=moved(self.table),
+                                   suppressed=moved(self.suppressed),
+                                   lower=moved(self.lower), upper=moved(self.upper))
 
     @property
     def curves(self) -> pd.DataFrame | None:
