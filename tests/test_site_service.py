@@ -461,3 +461,77 @@ def test_200_mixed_queries_leave_the_services_answering_and_memory_steady(sfed2)
     growth = [a - b for a, b in zip(rss_after, rss_before, strict=True)]
     assert growth[0] < 40, f"coordinator RSS grew {growth[0]:.1f} MB"
     assert max(growth[1:]) < 25, f"site kernel RSS grew {growth[1:]} MB"
+
+
+# --------------------------------------------------------------------------- review findings
+def test_status_hands_out_one_nonce_until_it_is_used(sfed2):
+    site = sfed2._sites[0]
+    first, second = site._status()["nonce"], site._status()["nonce"]
+    assert first == second  # polling the status cannot flood the site's nonce table
+    sfed2.run(pw.Count(by=["sex"]), epsilon=fresh_epsilon())
+    assert site._status()["nonce"] != first or site._nonce is not None
+
+
+def test_the_site_kernel_keeps_no_request_in_its_history(sfed2):
+    import sqlite3
+    from pathlib import Path
+
+    marker = "MARKER-" + secrets.token_hex(8)
+    site = sfed2._sites[0]
+    _session(site).post(site.url + "/aggregate", json={"admission": marker, "token": marker},
+                        timeout=10)
+    site._status()
+    history = Path.home() / ".ipython" / "profile_default" / "history.sqlite"
+    if history.exists():
+        with sqlite3.connect(history) as db:
+            rows = db.execute("SELECT count(*) FROM history WHERE source LIKE ?",
+                              (f"%{marker}%",)).fetchone()[0]
+        assert rows == 0
+
+
+def test_a_service_whose_kernel_died_stops_with_a_failure_status(tmp_path):
+    path = site_file(tmp_path, "NDRS", sites=["NDRS"], capacity=500,
+                     source={"kind": "synthetic", "seed": 1, "size": 300})
+    token, port = secrets.token_hex(16), free_port()
+    process = SiteProcess(path, port, token, "PETS_SITE_TOKEN", log=tmp_path / "log")
+    site = ServiceSite("NDRS", f"http://127.0.0.1:{port}", token=token, process=process)
+    try:
+        site.start()
+        kernel = psutil.Process(process.pid).children(recursive=True)[0]
+        kernel.kill()
+        assert process._proc.wait(20) == 1  # a supervisor restarts it; nothing hangs
+        assert "kernel died" in (tmp_path / "log").read_text()
+    finally:
+        site.close()
+
+
+def test_a_site_dripping_its_reply_is_held_to_the_timeout():
+    import contextlib
+    import http.server
+    import threading
+    import time
+
+    class Drip(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            with contextlib.suppress(OSError):  # the client hangs up, as it should
+                for _ in range(30):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.5)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    site = ServiceSite("NDRS", f"http://127.0.0.1:{server.server_port}", token="t" * 32,
+                       timeout=2.0)
+    t0 = time.monotonic()
+    with pytest.raises(pw.SiteError, match="did not answer"):
+        site._status()
+    assert time.monotonic() - t0 < 5
+    server.shutdown()
+    site.close()

@@ -43,7 +43,6 @@ from pets_widgets.core.errors import (
     SiteIntegrityError,
     SiteRefusal,
 )
-from pets_widgets.core.net import free_port
 from pets_widgets.core.packing import capacity_for
 from pets_widgets.core.paillier import DEFAULT_KEY_BITS, PublicKey, add_encrypted, foreground
 from pets_widgets.core.policy import Policy
@@ -446,11 +445,11 @@ def embedded_service(entry: SiteConfig, defaults: SiteDefaults, capacity: int) -
         path, token_env = defaults.write(entry, token_env=EMBEDDED_TOKEN_ENV), EMBEDDED_TOKEN_ENV
         site_config = load_site_config(path)
     key = load_signing_key(site_config.signing_key)
-    token, port = secrets.token_hex(16), free_port()
-    process = SiteProcess(path, port, token, token_env, log=path.parent / "service.log")
+    token = secrets.token_hex(16)
+    process = SiteProcess(path, 0, token, token_env, log=path.parent / "service.log")
     population = (read_population(entry.population, entry.name)
                   if entry.population is not None else None)
-    return ServiceSite(entry.name, f"http://127.0.0.1:{port}", token=token,
+    return ServiceSite(entry.name, "", token=token,
                        verify_key=key.public.to_bytes().hex(), sites=defaults.sites,
                        timeout=entry.timeout, start_timeout=entry.start_timeout,
                        source=site_config.source, population=population, process=process)

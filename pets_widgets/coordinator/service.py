@@ -14,6 +14,7 @@ import atexit
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,6 +44,8 @@ DEFAULT_TIMEOUT = 60.0
 DEFAULT_START_TIMEOUT = 180.0
 #: Seconds to open a connection to a site (a reply may take up to the site's timeout).
 CONNECT_SECONDS = 10.0
+#: The largest reply read from a site (an aggregate of a 20,000-cell query is far below).
+MAX_REPLY = 32 * 2**20
 #: A cached nonce is used only while it has at least this many seconds left.
 NONCE_MARGIN = 30.0
 
@@ -118,7 +121,15 @@ class ServiceSite:
 
     def start(self) -> ServiceSite:
         """Wait for the service to answer ``/status`` and check who it is."""
+        with self._lock:
+            self._nonce = None  # a nonce of a service started before is of no use
         deadline = time.monotonic() + self.start_timeout
+        if self._process is not None and not self.url:
+            url = self._process.url(self.start_timeout)
+            if url is None:
+                raise SiteError(self.name, "its service stopped while starting "
+                                f"({self._process.describe()})")
+            self.url = url
         while True:
             try:
                 info = self._status(max(1.0, deadline - time.monotonic()))
@@ -200,23 +211,41 @@ class ServiceSite:
     def _call(self, method: str, route: str, body: Mapping[str, Any] | None, timeout: float,
               op: str) -> dict[str, Any]:
         """One request; every failure is a :class:`SiteError` naming this site and why."""
+        late = SiteError(self.name, f"did not answer {op} within {timeout:g} s", rule="timeout")
+        deadline = time.monotonic() + timeout
         try:
             response = self._session.request(method, self.url + route, json=body,
                                              timeout=(CONNECT_SECONDS, timeout),
-                                             verify=self._verify)
+                                             verify=self._verify, stream=True)
+            # The read timeout is per read: a site dripping bytes is held to the whole
+            # request's deadline and a size cap here.
+            chunks, size = [], 0
+            with response:
+                # read1 returns what has arrived (urllib3 2): a dripping site cannot make one
+                # read wait for a full chunk.
+                while chunk := response.raw.read1(2**16, decode_content=True):
+                    size += len(chunk)
+                    if size > MAX_REPLY:
+                        raise SiteIntegrityError(self.name, f"its reply to {op} is larger "
+                                                 f"than {MAX_REPLY:,} bytes")
+                    if time.monotonic() > deadline:
+                        raise late
+                    chunks.append(chunk)
         except requests.Timeout:
-            raise SiteError(self.name, f"did not answer {op} within {timeout:g} s",
-                            rule="timeout") from None
+            raise late from None
         except requests.exceptions.SSLError:
             raise SiteError(self.name, "refused the TLS connection (certificate)",
                             rule="tls") from None
         except requests.ConnectionError:
             raise SiteError(self.name, f"cannot be reached at {self.url}",
                             rule="unreachable") from None
+        except requests.RequestException as exc:
+            raise SiteIntegrityError(self.name, f"its reply to {op} is broken "
+                                     f"({type(exc).__name__})") from None
         if response.status_code == 401:
             raise SiteError(self.name, "refused this coordinator's token", rule="token")
         try:
-            payload = response.json()
+            payload = json.loads(b"".join(chunks))
         except ValueError:
             payload = None
         if not isinstance(payload, dict):
@@ -288,24 +317,52 @@ _LIVE: set[SiteProcess] = set()
 
 
 class SiteProcess:
-    """A ``site serve`` process this coordinator started (the embedded default only)."""
+    """A ``site serve`` process this coordinator started (the embedded default only).
+
+    ``port`` 0 lets the service take any free port and announce it on its standard output
+    (no race between choosing a port here and binding it there); :meth:`url` waits for that
+    announcement. Its log (the gateway's) goes to ``log``.
+    """
 
     def __init__(self, config: Path, port: int, token: str, token_env: str,
                  log: Path | None = None):
         env = {**os.environ, token_env: token, "PETS_PARENT_PID": str(os.getpid())}
         self.config, self.port, self.token, self.token_env = config, port, token, token_env
         self.log = log
-        out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
+        self._announced = threading.Event()
+        self._url: str | None = None
+        err = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "pets_widgets", "site", "serve", "--config",
                  str(config), "--port", str(port)],
-                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
                 start_new_session=True)
         finally:
             if log is not None:
-                out.close()  # type: ignore[union-attr]
+                err.close()  # type: ignore[union-attr]
+        threading.Thread(target=self._read_announcement, daemon=True,
+                         name="pets-site-serve").start()
         _LIVE.add(self)
+
+    def _read_announcement(self) -> None:
+        assert self._proc.stdout is not None
+        for raw in self._proc.stdout:
+            line = raw.decode("utf-8", "replace")
+            if self.log is not None:
+                with open(self.log, "a", encoding="utf-8") as fh:
+                    fh.write(line)
+            found = re.search(r"serving at (\S+) ", line)
+            if found and self._url is None:
+                self._url = found.group(1).rstrip("/")
+                self.port = int(self._url.rsplit(":", 1)[1])
+                self._announced.set()
+        self._announced.set()  # the process ended
+
+    def url(self, timeout: float) -> str | None:
+        """The service's URL once it serves, or None if it stopped or took too long."""
+        self._announced.wait(timeout)
+        return self._url
 
     @property
     def pid(self) -> int:

@@ -82,7 +82,7 @@ class ServiceSettings:
     keyfile: Path | None = None
     client_ca: Path | None = None
     deadline: float = 30.0
-    max_body: int = 8 * 2**20
+    max_body: int = 64 * 2**10
 
 
 @dataclass(frozen=True)
@@ -452,5 +452,5 @@ token_env = {token_env}
 # client_ca = "clients-ca.pem"
 # The most seconds the site spends on one request, and the largest request body in bytes.
 deadline = 30.0
-max_body = 8388608
+max_body = 65536
 """

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import inspect
 import os
 import shutil
 import signal
@@ -47,8 +48,9 @@ class SiteGatewayApp(KernelGatewayApp):
     """Kernel Gateway with the limits a site needs, serving only once its kernel is ready,
     and a clean stop on SIGINT and SIGTERM."""
 
-    max_body = 8 * 2**20
+    max_body = 64 * 2**10
     announce = ""
+    exit_code = 0
 
     def init_http_server(self) -> None:
         # The server is made here and listens only once the site's kernel is seeded (see
@@ -69,14 +71,33 @@ class SiteGatewayApp(KernelGatewayApp):
         """
         await self.personality.kernel_pool.managed_pool_initialized
         await asyncio.sleep(SUBSCRIBE_SECONDS)
+        port = int(self.config.KernelGatewayApp.port)
         try:
-            self.http_server.listen(self.port, self.ip)
+            self.http_server.listen(port, self.ip)
         except OSError as exc:
-            self.log.critical("cannot listen on %s:%s (%s)", self.ip, self.port, exc)
+            self.log.critical("cannot listen on %s:%s (%s)", self.ip, port, exc)
+            self.exit_code = 1
             self.stop()
             return
+        if port == 0:  # the operating system's choice, reported in the announcement
+            port = next(iter(self.http_server._sockets.values())).getsockname()[1]
         if self.announce:
-            print(self.announce, flush=True)
+            print(self.announce.format(port=port), flush=True)
+        self._kernel_watch = PeriodicCallback(self._check_kernel, 1000)
+        self._kernel_watch.start()
+
+    async def _check_kernel(self) -> None:
+        """Stop (exit status 1) when the site's kernel has died: the gateway would hold every
+        request forever, and a supervisor (systemd's Restart=on-failure) starts a fresh one."""
+        for kernel_id in list(self.kernel_manager.list_kernel_ids()):
+            alive = self.kernel_manager.get_kernel(kernel_id).is_alive()
+            if inspect.isawaitable(alive):
+                alive = await alive
+            if not alive:
+                self.log.critical("the site's kernel died; stopping so it can be restarted")
+                self.exit_code = 1
+                self.stop()
+                return
 
     def init_signal(self) -> None:
         # Stop at once on Ctrl-C as on SIGTERM (no "shut down? y/n" prompt): the kernels are
@@ -123,6 +144,9 @@ def gateway_config(config: SiteConfiguration, host: str, port: int, token: str) 
     # a private folder: no TCP port to collide with another service's kernel, or to reach.
     c.KernelManager.transport = "ipc"
     c.KernelManager.transport_encryption = "required"
+    # A dead kernel is not restarted behind the gateway's back (its pool would wait for it
+    # forever): the service stops instead (see SiteGatewayApp._check_kernel).
+    c.KernelManager.autorestart = False
     return c
 
 
@@ -143,7 +167,7 @@ def serve(config_path: str | os.PathLike[str], host: str = LOOPBACK,
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    port = free_port(host) if port is None else port
+    port = free_port(host) if port is None else port  # 0: any free port, announced
     scheme = "https" if config.service.certfile is not None else "http"
     # The site kernel inherits this process's environment: that is how it learns its
     # configuration, and the only way (no request can name a path).
@@ -155,8 +179,8 @@ def serve(config_path: str | os.PathLike[str], host: str = LOOPBACK,
     os.environ["JUPYTER_RUNTIME_DIR"] = runtime
     app: Any = SiteGatewayApp(config=gateway_config(config, host, port, token))
     app.max_body = config.service.max_body
-    app.announce = (f"site {config.name} serving at {scheme}://{host}:{port}/ "
+    app.announce = (f"site {config.name} serving at {scheme}://{host}:{{port}}/ "
                     f"verify key {key.public.to_bytes().hex()}")
     app.initialize([])
     app.start()
-    return 0
+    return int(app.exit_code)

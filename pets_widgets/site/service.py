@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -54,6 +55,7 @@ def boot() -> None:
     with the rule (and, for data, the rules broken and how many rows break each), so the
     coordinator learns that the site is down and why in words its operator can act on.
     """
+    _forget_requests()
     try:
         config = load_site_config(os.environ[CONFIG_ENV])
         _STATE["config"] = config
@@ -69,6 +71,22 @@ def boot() -> None:
         _STATE["broken"] = ("data", str(exc.counted()))
     except Exception as exc:  # never echo: a foreign message could quote a value
         _STATE["broken"] = ("internal", f"{type(exc).__name__} while opening the site")
+
+
+def _forget_requests() -> None:
+    """Keep no request: IPython would otherwise store every cell the gateway runs (each
+    request, tokens included) in its input history, in memory and in its history file."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+    history = shell.history_manager
+    history.store_inputs = lambda *args, **kwargs: None
+    history.store_output = lambda *args, **kwargs: None
+    history.enabled = False
 
 
 def status(request: str) -> str:
@@ -91,7 +109,13 @@ def response_info() -> str:
 
 # --------------------------------------------------------------------------- the routes
 def _status(site: Site, config: SiteConfiguration, body: object) -> dict[str, Any]:
-    nonce, expires = site.next_nonce()
+    # One nonce for every status call until it is used or nearly expired: asking for the
+    # status again and again cannot push other callers' nonces out of the site's table.
+    cached = _STATE.get("status_nonce")
+    if cached is not None and site.nonce_open(cached[0]) and cached[1] > time.time() + 60:
+        nonce, expires = cached
+    else:
+        nonce, expires = _STATE["status_nonce"] = site.next_nonce()
     return {"name": site.name, "sites": list(config.sites), "rows": site.rows_rounded,
             "capacity": config.capacity, "verify_key": site.verify_key.to_bytes().hex(),
             "dictionary": site.schema.digest, "floors": config.floors.to_dict(),

@@ -99,6 +99,12 @@ class Site:
         """A fresh nonce the enclave's token must answer before this site encrypts anything."""
         return self.next_nonce()[0]
 
+    def nonce_open(self, nonce: str) -> bool:
+        """Whether ``nonce`` is outstanding (issued, unused, unexpired)."""
+        with self._nonce_lock:
+            expires = self._challenges.get(nonce)
+        return expires is not None and expires > time.time()
+
     def next_nonce(self) -> tuple[str, float]:
         """A fresh nonce and the time (seconds since the epoch) it expires.
 
