@@ -122,9 +122,10 @@ def test_code_in_a_request_body_is_a_validation_error(sfed2, body):
     site = sfed2._sites[0]
     kwargs = {"data": body} if isinstance(body, str) else {"json": body}
     response = _session(site).post(site.url + "/aggregate", timeout=10, **kwargs)
-    assert response.status_code == 400, response.text
+    assert response.status_code in (400, 415), response.text  # 415: not even JSON
     reply = response.json()
-    assert reply["error"] in ("QueryValidationError", "PetsError") and reply["rule"]
+    assert reply["error"] in ("QueryValidationError", "PetsError", "RequestRefused")
+    assert reply["rule"]
     assert "root" not in response.text and "Traceback" not in response.text
 
 
@@ -535,3 +536,39 @@ def test_a_site_dripping_its_reply_is_held_to_the_timeout():
     assert time.monotonic() - t0 < 5
     server.shutdown()
     site.close()
+
+
+@pytest.mark.parametrize(("method", "route", "kwargs", "status", "rule"), [
+    ("POST", "/aggregate", {"data": b"\xff\xfe", "headers": {"Content-Type":
+                                                              "application/json"}}, 400,
+     "encoding"),
+    ("PUT", "/aggregate", {"json": {}}, 405, "method"),
+    ("DELETE", "/status", {}, 405, "method"),
+    ("POST", "/status", {"json": {}}, 405, "method"),
+    ("GET", "/aggregate", {}, 405, "method"),
+    ("OPTIONS", "/status", {}, 405, "method"),
+    ("POST", "/aggregate", {"data": "x=1", "headers": {
+        "Content-Type": "application/x-www-form-urlencoded"}}, 415, "content_type"),
+])
+def test_requests_the_routes_do_not_take_are_refused_in_json_before_the_kernel(
+        sfed2, method, route, kwargs, status, rule):
+    site = sfed2._sites[0]
+    response = _session(site).request(method, site.url + route, timeout=10, **kwargs)
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.json()["rule"] == rule
+
+
+def test_the_token_counts_only_in_the_authorization_header(sfed2):
+    site = sfed2._sites[0]
+    token = site._session.headers["Authorization"].split()[1]
+    assert requests.get(f"{site.url}/status?token={token}", timeout=10).status_code == 401
+    assert requests.options(site.url + "/status", timeout=10).status_code == 401
+
+
+def test_a_json_body_with_a_charset_is_json(sfed2):
+    site = sfed2._sites[0]
+    response = _session(site).post(site.url + "/aggregate", data=b'{"admission": 1}',
+                                   headers={"Content-Type": "application/json; charset=utf-8"},
+                                   timeout=10)
+    assert response.status_code == 400 and response.json()["rule"] == "validation"

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import hmac
 import inspect
+import json
 import os
 import shutil
 import signal
@@ -99,6 +101,12 @@ class SiteGatewayApp(KernelGatewayApp):
                 self.stop()
                 return
 
+    def init_webapp(self) -> None:
+        from kernel_gateway.notebook_http.handlers import NotebookAPIHandler
+
+        NotebookAPIHandler.prepare = _guard  # this process serves one site and nothing else
+        super().init_webapp()
+
     def init_signal(self) -> None:
         # Stop at once on Ctrl-C as on SIGTERM (no "shut down? y/n" prompt): the kernels are
         # shut down by the personality before the loop stops.
@@ -123,6 +131,42 @@ class SiteGatewayApp(KernelGatewayApp):
         self.start_app()
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.io_loop.start()
+
+
+def _guard(handler: Any) -> None:
+    """What every request meets before a kernel is touched (installed as the notebook-http
+    handlers' ``prepare``): the token, in the Authorization header only and compared in
+    constant time; only the route's own method; a JSON body in UTF-8. Every refusal is JSON
+    with a rule, like the routes' own errors."""
+    request = handler.request
+    expected = str(handler.settings.get("kg_auth_token") or "")
+    header = request.headers.get("Authorization", "")
+    given = header[len("token "):] if header.startswith("token ") else ""
+    if ("token" in request.query_arguments or "token" in request.body_arguments
+            or not expected or not hmac.compare_digest(given.encode(), expected.encode())):
+        return _refuse(handler, 401, "token", "give the service's token as the header "
+                       "Authorization: token <token> (and nowhere else)")
+    if request.method not in handler.sources:
+        return _refuse(handler, 405, "method", "this route takes " +
+                       " and ".join(sorted(handler.sources)))
+    try:
+        request.body.decode("utf-8")
+        bytes(request.query, "latin-1").decode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        return _refuse(handler, 400, "encoding", "the request is not UTF-8")
+    if request.method == "POST":
+        kind = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            return _refuse(handler, 415, "content_type", "the body must be JSON "
+                           "(Content-Type: application/json)")
+        request.headers["Content-Type"] = "application/json"  # the gateway compares exactly
+    return None
+
+
+def _refuse(handler: Any, status: int, rule: str, message: str) -> None:
+    handler.set_status(status)
+    handler.set_header("Content-Type", "application/json")
+    handler.finish(json.dumps({"error": "RequestRefused", "rule": rule, "message": message}))
 
 
 def gateway_config(config: SiteConfiguration, host: str, port: int, token: str) -> Config:
