@@ -82,7 +82,9 @@ def test_overflow_probe_is_charged_and_locks_the_federation(fresh_fed):
                       fresh_fed.enclave)
     with pytest.raises(pw.IntegrityError):
         evil.run(pw.Count(by=["sex"]), epsilon=0.5, analyst="eve")
-    assert fresh_fed.budget("eve").analyst_spent == Fraction(1, 2)
+    # A cheating site's probe costs the policy's epsilon per release at least, however small
+    # the epsilon asked (0.5 here, max_epsilon 1): tiny probes are not cheap.
+    assert fresh_fed.budget("eve").analyst_spent == 1
     assert fresh_fed.audit_log().iloc[-1].rule == "integrity_incident"
     with pytest.raises(pw.QueryRefused) as info:
         fresh_fed.run(pw.Count(by=["age_band"]), analyst="ann")
@@ -97,13 +99,42 @@ def test_subset_refusals_cannot_be_redrawn_by_changing_epsilon(fresh_fed):
         fresh_fed.run(pw.Count(where=where), epsilon=1.0, analyst="eve")
     assert info.value.rule == "min_subset"
     budget = fresh_fed.budget("eve")
-    assert budget.analyst_spent == 0 and budget.federation_spent == 1  # the check was paid
+    assert budget.analyst_spent == 1 and budget.federation_spent == 1  # eve paid the check
+    assert fresh_fed.budget("ann").analyst_spent == 0  # and nobody else did
     for eps in (0.9, 0.8, 0.5):  # any epsilon, any kind: the stored decision, no new noise
         with pytest.raises(pw.QueryRefused):
             fresh_fed.run(pw.Count(where=where), epsilon=eps, analyst="eve")
     with pytest.raises(pw.QueryRefused):
         fresh_fed.run(pw.Histogram(variable="age_at_diagnosis", where=where), analyst="eve")
     assert fresh_fed.budget("eve").federation_spent == 1
+
+
+def test_one_analysts_refused_probes_leave_everyone_elses_budget_untouched(fresh_fed):
+    probes = [{"subtype": ["PPB"], "sex": [s], "diagnosis_year": (y, y)}
+              for s in ("F", "M") for y in range(2001, 2007)]
+    refused = 0
+    for where in probes:
+        try:
+            fresh_fed.run(pw.Count(where=where), epsilon=0.5, analyst="mallory")
+        except pw.QueryRefused as exc:
+            refused += exc.rule == "min_subset"
+        except pw.BudgetExceeded:
+            break
+    assert refused >= 2
+    assert fresh_fed.budget("ann").analyst_spent == 0
+    spent = fresh_fed.budget("mallory")
+    assert spent.federation_spent == spent.analyst_spent  # all of it charged to mallory
+    fresh_fed.run(pw.Count(by=["sex"]), epsilon=1.0, analyst="ann")  # ann is not refused
+
+
+def test_a_ledger_refuses_an_enclave_with_another_policy(fresh_fed):
+    from pets_widgets.enclave.enclave import Enclave
+
+    with pytest.raises(pw.IntegrityError, match="another policy"):
+        Enclave(fresh_fed.schema, fresh_fed.ledger, pw.Policy(k=3), key_bits=1024)
+    looser = dataclasses.replace(fresh_fed.policy, analyst_budget=1e6, federation_budget=1e6)
+    with pytest.raises(pw.IntegrityError, match="another policy"):
+        Enclave(fresh_fed.schema, fresh_fed.ledger, looser, key_bits=1024)
 
 
 def test_a_filter_on_every_site_is_no_filter(fresh_fed):

@@ -19,6 +19,7 @@ from pets_widgets.core.paillier import (
 )
 from pets_widgets.core.signing import SigningKey
 from pets_widgets.core.wire import EncryptedAggregate, new_nonce
+from pets_widgets.enclave import ledger as audit
 from pets_widgets.enclave.decryption import decrypt, generate_paillier_keypair
 from pets_widgets.enclave.enclave import Enclave
 
@@ -111,14 +112,14 @@ def test_sites_refuse_a_genuine_enclave_whose_policy_was_loosened(fresh_fed, tmp
     one, so its image digest is not either."""
     launched = verifier_of(fresh_fed).launch(pw.Policy(k=1), fresh_fed.schema.digest,
                                              debug=True)
-    loosened = Enclave(fresh_fed.schema, fresh_fed.ledger, pw.Policy(k=1), key_bits=1024,
-                       issuer=launched)
-    before = len(fresh_fed.audit_log())
+    # (on a ledger of its own: the federation's ledger refuses any other policy)
+    loosened = Enclave(fresh_fed.schema, audit.Ledger(tmp_path / "loose.sqlite"),
+                       pw.Policy(k=1), key_bits=1024, issuer=launched)
     with pytest.raises(pw.AttestationError, match="image digest") as info:
         Federation(fresh_fed._sites, loosened).run(SPEC)
     assert info.value.site == "NDRS" and info.value.rule == "trust.image"
-    log = fresh_fed.audit_log()
-    assert len(log) == before + 1 and log.iloc[-1].outcome == "failed"
+    log = loosened.ledger.audit_rows()
+    assert len(log) == 1 and log[-1]["outcome"] == "failed"
 
 
 def test_packing_overflow_is_impossible_and_checked():

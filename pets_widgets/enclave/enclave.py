@@ -22,6 +22,7 @@ import pandas as pd
 
 from pets_widgets.core import schema as S
 from pets_widgets.core.budget import Budget
+from pets_widgets.core.errors import IntegrityError
 from pets_widgets.core.evidence import TokenIssuer
 from pets_widgets.core.packing import DEFAULT_SITE_CAPACITY, Packing
 from pets_widgets.core.paillier import DEFAULT_KEY_BITS
@@ -69,6 +70,12 @@ class Enclave:
         self._gate = Gatekeeper(schema, ledger, policy or Policy(), self._public)
         self._open = OpenAdmissions()
         self._releaser = Releaser(schema, self._gate, self._decryptor)
+        bound = ledger.meta("policy_digest")
+        if bound is not None and bound != self.policy.hash:
+            raise IntegrityError("this ledger was created under another policy: an enclave "
+                                 "opens it only with the policy it was created with (start "
+                                 "a new ledger for a new policy)")
+        ledger.set_meta("policy_digest", self.policy.hash)
         ledger.set_meta("policy", json.dumps(self.policy.to_dict(), sort_keys=True))
         ledger.set_meta("image_digest", self.image_digest)
 

@@ -130,7 +130,10 @@ class Ledger:
         self.path = Path(path)
         self._setup_connections()
         with self._connect() as con:
-            con.execute("PRAGMA journal_mode=WAL")
+            # Switching the journal mode needs the file to itself, and can fail at once
+            # ("database is locked") while another process writes: switch only once.
+            if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                con.execute("PRAGMA journal_mode=WAL")
             con.executescript(SCHEMA)
         self.recover()
 
@@ -318,28 +321,35 @@ class Ledger:
 
     def refuse_charged(self, reservation: int, query: QueryRecord, *, keys: Sequence[str],
                        payload: str, rule: str, reason: str) -> None:
-        """A refusal decided on fresh noise: its epsilon moves from the analyst to the
-        federation's account (the analyst received nothing), the decision is stored under
-        every key given so asking again returns it without new noise, and the audit row says
-        so. One transaction."""
+        """A refusal decided on fresh noise: its epsilon is charged to the analyst who asked
+        (a refusal is an answer: charging a shared account let one analyst's probes drain
+        everyone's budget at no cost to themselves), the decision is stored under every key
+        given so asking again returns it without new noise, and the audit row says so. One
+        transaction."""
         with self.transaction() as con:
-            con.execute("UPDATE reservations SET state = 'spent', analyst = ? WHERE id = ? "
-                        "AND state = 'reserved'", (FEDERATION_CHECKS, reservation))
+            con.execute("UPDATE reservations SET state = 'spent' WHERE id = ? "
+                        "AND state = 'reserved'", (reservation,))
             for key in keys:
                 self._store(con, query, key, payload)
-            self._audit(con, query, epsilon_spent=Fraction(0), outcome=REFUSED, rule=rule,
+            self._audit(con, query, epsilon_spent=query.charge, outcome=REFUSED, rule=rule,
                         reason=f"{reason}; the check drew noise, so its epsilon "
-                               f"{float(query.charge):g} was charged to the federation's "
-                               "budget")
+                               f"{float(query.charge):g} was charged to the analyst who "
+                               "asked")
 
-    def incident(self, reservation: int, query: QueryRecord, *, reason: str) -> None:
+    def incident(self, reservation: int, query: QueryRecord, *, reason: str,
+                 at_least: Fraction = Fraction(0)) -> None:
         """A decrypted total broke the packing bounds (a site encrypted what no honest site
-        can): the reservation stays spent, the federation is locked, the audit row says why."""
+        can): the reservation stays spent at no less than ``at_least`` (the policy's epsilon
+        per release: each such failure answers a threshold question about the other sites'
+        exact totals, so probing with tiny epsilons must not be cheap), the federation is
+        locked, the audit row says why."""
+        charge = max(query.charge, at_least)
         with self.transaction() as con:
-            con.execute("UPDATE reservations SET state = 'spent' WHERE id = ?", (reservation,))
+            con.execute("UPDATE reservations SET state = 'spent', epsilon = ? WHERE id = ?",
+                        (fraction_text(charge), reservation))
             con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('locked', ?)",
                         (f"{now()}: {reason}",))
-            self._audit(con, query, epsilon_spent=query.charge, outcome=FAILED,
+            self._audit(con, query, epsilon_spent=charge, outcome=FAILED,
                         rule="integrity_incident",
                         reason=f"{reason}; nothing released, the epsilon is charged and the "
                                "federation is locked until an operator unlocks it")

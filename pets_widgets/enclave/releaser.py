@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from fractions import Fraction
 
 import numpy as np
 
@@ -90,7 +91,8 @@ class Releaser:
             # A decrypted total outside its slots means a site encrypted something no honest
             # site can: the failure itself would answer a threshold question about the other
             # sites' exact totals. So it is charged, not returned, and the federation locks.
-            ledger.incident(reservation, query, reason=str(exc))
+            ledger.incident(reservation, query, reason=str(exc),
+                            at_least=Fraction(str(self._gate.policy.max_epsilon)))
             raise
         except BaseException as exc:  # an interrupt, a worker that cannot start: nothing out
             self._return(reservation, query, exc)
@@ -111,8 +113,8 @@ class Releaser:
             raise
         if refusal is not None:
             # The refusal was decided on freshly drawn noise: it is a differentially private
-            # answer, so its epsilon is charged to the federation (not to the analyst, who gets
-            # nothing), and the decision is kept for this filter, whatever the kind or epsilon.
+            # answer, so its epsilon is charged to the analyst who asked, and the decision is
+            # kept for this filter, whatever the kind or epsilon.
             ledger.refuse_charged(
                 reservation, query, keys=(admission.release_key, subset_key(spec, query.sites)),
                 payload=json.dumps({"refused": [refusal.rule, str(refusal)]}),
