@@ -169,3 +169,34 @@ def test_the_enclave_ledger_cannot_be_swapped_for_a_fresh_one(fresh_fed, tmp_pat
     with pytest.raises(AttributeError):
         fresh_fed.enclave.ledger = audit.Ledger(tmp_path / "fresh.sqlite")
     assert fresh_fed.ledger is fresh_fed.enclave._gate.ledger
+
+
+def test_eight_simultaneous_identical_queries_cost_one_epsilon_and_share_one_answer(
+        tmp_path):
+    import threading
+
+    from .conftest import SMALL_ROWS, TEST_KEY_BITS
+
+    fed = pw.demo_federation(seed=9, rows_per_site=SMALL_ROWS, key_bits=TEST_KEY_BITS,
+                             ledger=tmp_path / "l.sqlite",
+                             policy=pw.Policy(analyst_budget=3, federation_budget=3))
+    spec, results, errors = pw.Count(by=["tumour_group"]), [], []
+    start = threading.Barrier(8)
+
+    def ask() -> None:
+        start.wait()
+        try:
+            results.append(fed.run(spec, epsilon=1.0, analyst="ann"))
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors and len(results) == 8
+    assert fed.budget("ann").analyst_spent == 1
+    assert sum(not r.card.repeated for r in results) == 1
+    first = results[0].table
+    assert all(r.table.equals(first) for r in results)

@@ -267,3 +267,36 @@ class Gatekeeper:
     def _limits(self) -> tuple[Fraction, Fraction]:
         return (Fraction(str(self.policy.analyst_budget)),
                 Fraction(str(self.policy.federation_budget)))
+
+
+class InFlight:
+    """Release keys being answered now. An identical question asked meanwhile waits for the
+    first answer and gets it as a stored release, instead of reserving budget of its own:
+    eight simultaneous identical queries cost one epsilon and return one answer."""
+
+    #: Seconds a question waits for an identical one before it is answered on its own.
+    WAIT = 120.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[str, threading.Event] = {}
+        self._owners: dict[str, str] = {}  # admission id -> the key it answers
+
+    def claim(self, key: str, admission_id: str) -> threading.Event | None:
+        """None when this admission answers ``key`` (release it with :meth:`done`), else
+        the event that is set once the admission answering it is done."""
+        with self._lock:
+            event = self._events.get(key)
+            if event is None:
+                self._events[key] = threading.Event()
+                self._owners[admission_id] = key
+            return event
+
+    def done(self, admission_id: str) -> None:
+        """The admission ended (released, refused, failed): wake whoever waits on its key."""
+        with self._lock:
+            key = self._owners.pop(admission_id, None)
+            event = self._events.pop(key, None) if key is not None else None
+        if event is not None:
+            event.set()
+

@@ -35,6 +35,7 @@ from pets_widgets.enclave import ledger as audit
 from pets_widgets.enclave.admission import (
     Admission,
     Gatekeeper,
+    InFlight,
     OpenAdmissions,
     check_epsilon,
     check_k,
@@ -69,6 +70,7 @@ class Enclave:
         self._public: dict[str, pd.DataFrame] = {}
         self._gate = Gatekeeper(schema, ledger, policy or Policy(), self._public)
         self._open = OpenAdmissions()
+        self._inflight = InFlight()
         self._releaser = Releaser(schema, self._gate, self._decryptor)
         bound = ledger.meta("policy_digest")
         if bound is not None and bound != self.policy.hash:
@@ -138,11 +140,19 @@ class Enclave:
         self._gate.enforce(query, spec, k_int)
         self._gate.refused_before(spec, query)
         admission = self._admission(spec, eps, k_int, analyst, sites)
-        stored = self.ledger.stored(admission.release_key)
-        if stored is not None:
-            return self._releaser.repeat(admission, stored)
-        self._gate.check_budget(query)
-        self._open.open(admission)
+        while True:
+            stored = self.ledger.stored(admission.release_key)
+            if stored is not None:
+                return self._releaser.repeat(admission, stored)
+            waiting = self._inflight.claim(admission.release_key, admission.id)
+            if waiting is None or not waiting.wait(InFlight.WAIT):
+                break  # this admission answers it (or the other never finished)
+        try:
+            self._gate.check_budget(query)
+            self._open.open(admission)
+        except BaseException:
+            self._inflight.done(admission.id)
+            raise
         return admission
 
     def _admission(self, spec: QuerySpec, eps: Fraction, k: int, analyst: str,
@@ -167,6 +177,7 @@ class Enclave:
     def abort(self, admission: Admission, outcome: str, rule: str, reason: str) -> None:
         """Record a query that failed before any budget was reserved (nothing spent)."""
         self._open.close(admission)
+        self._inflight.done(admission.id)
         self.ledger.record(admission.record, outcome, rule=rule, reason=reason)
 
     # -- phase 2: verification, decryption, release -------------------------------------------
@@ -178,6 +189,9 @@ class Enclave:
         and the policy is checked again: whatever the coordinator did to its receipt, the
         floors hold.
         """
-        trusted, nonces = self._open.take(admission)
-        return self._releaser.release(trusted, nonces, aggregates, summed)
+        try:
+            trusted, nonces = self._open.take(admission)
+            return self._releaser.release(trusted, nonces, aggregates, summed)
+        finally:
+            self._inflight.done(admission.id)  # whoever waits on this question wakes
 
