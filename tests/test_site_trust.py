@@ -183,6 +183,7 @@ def test_every_default_site_refuses_an_enclave_whose_code_changed(fresh_fed, tmp
         token = changed.issue_nonce(admission, site.name, site.challenge())
         refused(site, AggregateRequest(admission.spec, token, changed.public_key,
                                        admission.packing), "trust.image")
+        changed.abort(admission, audit.FAILED, "site.trust.image", "refused")  # as run does
 
 
 def test_an_enclave_policy_changed_after_launch_is_refused(fresh_fed):

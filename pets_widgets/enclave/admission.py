@@ -274,8 +274,10 @@ class InFlight:
     first answer and gets it as a stored release, instead of reserving budget of its own:
     eight simultaneous identical queries cost one epsilon and return one answer."""
 
-    #: Seconds a question waits for an identical one before it is answered on its own.
-    WAIT = 120.0
+    #: Seconds a question waits for an identical one before it is answered on its own (a
+    #: coordinator that admitted a query and vanished must not hold the question for long;
+    #: answered on its own, the question is still charged once: the release is stored once).
+    WAIT = 15.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
