@@ -287,3 +287,15 @@ def test_site_init_refuses_a_site_list_without_its_own_name(tmp_path, capsys):
     assert main(["site", "init", str(tmp_path / "x"), "--name", "X", "--sites", "A,B",
                  "--synthetic", "seed=1,size=10"]) == UNUSABLE
     assert "--sites" in capsys.readouterr().out and not (tmp_path / "x").exists()
+
+
+def test_a_key_file_of_another_kind_is_refused_naming_the_key(tmp_path):
+    from pets_widgets.site.config import open_site
+
+    PlatformVerifier.open(tmp_path / "platform")  # an EC key, not a site's Ed25519 key
+    path = site_file(tmp_path)
+    verifier_key = tmp_path / "platform" / "verifier-key.pem"
+    config = load_site_config(edited(path, 'signing_key = "signing-key.pem"',
+                                     f'signing_key = "{verifier_key}"'))
+    with pytest.raises(pw.ConfigError, match=r"signing_key: .* holds another kind of key"):
+        open_site(config)

@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from pets_widgets.core.errors import ConfigError
 from pets_widgets.core.evidence import (
     DEBUG_DISABLED,
     DEBUG_ENABLED,
@@ -31,6 +29,7 @@ from pets_widgets.core.evidence import (
     AdmissionClaims,
     key_binding,
 )
+from pets_widgets.core.keyfile import load_or_create
 from pets_widgets.core.policy import Policy
 from pets_widgets.platform.measurement import code_digest, image_digest
 
@@ -64,19 +63,8 @@ class PlatformVerifier:
         time), with its JWKS written beside it as ``verifier-jwks.json`` for site operators."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        key_path = folder / KEY_FILE
-        if key_path.exists():
-            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-            if not isinstance(key, ec.EllipticCurvePrivateKey):
-                raise ConfigError(f"verifier: {key_path} does not hold an EC private key")
-        else:
-            key = ec.generate_private_key(ec.SECP256R1())
-            pem = key.private_bytes(serialization.Encoding.PEM,
-                                    serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
-            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(pem)
+        key = load_or_create(folder / KEY_FILE, ec.EllipticCurvePrivateKey,
+                             lambda: ec.generate_private_key(ec.SECP256R1()), "verifier")
         verifier = cls(issuer, key)
         (folder / JWKS_FILE).write_text(json.dumps(verifier.jwks(), indent=2) + "\n",
                                         encoding="utf-8")

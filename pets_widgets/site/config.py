@@ -42,12 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pets_widgets.core import schema as S
 from pets_widgets.core.errors import ConfigError
 from pets_widgets.core.evidence import ISSUER
+from pets_widgets.core.keyfile import load_or_create
 from pets_widgets.core.packing import DEFAULT_SITE_CAPACITY
 from pets_widgets.core.signing import SigningKey
 from pets_widgets.site.budget import SiteBudget
@@ -308,30 +308,8 @@ def _service(table: Mapping[str, Any], base: Path, label: str) -> ServiceSetting
 # --------------------------------------------------------------------------- opening a site
 def load_signing_key(path: Path) -> SigningKey:
     """The site's long-term Ed25519 key: read from ``path``, or created there (mode 0600)."""
-    try:
-        return _signing_key(path)
-    except OSError as exc:
-        raise ConfigError(f"signing_key: {path} cannot be read or created "
-                          f"({type(exc).__name__})") from None
-
-
-def _signing_key(path: Path) -> SigningKey:
-    if path.exists():
-        try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except (ValueError, TypeError):
-            raise ConfigError(f"signing_key: {path} is not an unencrypted PEM private key") \
-                from None
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ConfigError(f"signing_key: {path} does not hold an Ed25519 private key")
-        return SigningKey(key)
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
-    return SigningKey(key)
+    return SigningKey(load_or_create(path, Ed25519PrivateKey, Ed25519PrivateKey.generate,
+                                     "signing_key"))
 
 
 def open_site(config: SiteConfiguration) -> Site:
