@@ -364,19 +364,21 @@ def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | o
         for sc in config.sites:
             population = (read_population(sc.population, sc.name)
                           if sc.population is not None else None)
-            if sc.backend == "service":
-                service = (embedded_service(sc, generated, capacity) if sc.url is None
-                           else ServiceSite(sc.name, sc.url, token_env=sc.token_env,
-                                            verify_key=sc.verify_key, sites=schema.sites,
-                                            ca_file=sc.ca_file, client_cert=sc.client_cert,
-                                            client_key=sc.client_key, timeout=sc.timeout,
-                                            start_timeout=sc.start_timeout,
-                                            population=population))
+            if sc.backend == "service" and sc.url is not None:
+                service = ServiceSite(sc.name, sc.url, token_env=sc.token_env,
+                                      verify_key=sc.verify_key, sites=schema.sites,
+                                      ca_file=sc.ca_file, client_cert=sc.client_cert,
+                                      client_key=sc.client_key, timeout=sc.timeout,
+                                      start_timeout=sc.start_timeout, population=population)
                 backends.append(service)
                 remote.append(service)
                 continue
-            site_config = load_site_config(sc.config or generated.write(sc))
-            _check_member(site_config, sc.name, schema.sites, capacity)
+            site_config = generated.site_config(sc)
+            if sc.backend == "service":  # started here, as its operator would
+                service = embedded_service(sc, site_config, population)
+                backends.append(service)
+                remote.append(service)
+                continue
             try:
                 site = open_site(site_config)
             except DataValidationError as exc:  # what leaves a site: rules and counts
@@ -419,7 +421,7 @@ class SiteDefaults:
     capacity: int
     sites: tuple[str, ...]
 
-    def write(self, entry: SiteConfig, token_env: str = "PETS_SITE_TOKEN") -> Path:
+    def write(self, entry: SiteConfig) -> Path:
         """A fresh folder (removed at interpreter exit) with the site's ``site.toml``."""
         assert entry.source is not None
         folder = Path(tempfile.mkdtemp(prefix="pets-site-config-"))
@@ -428,35 +430,29 @@ class SiteDefaults:
             folder, entry.name, entry.source.to_dict(), sites=self.sites,
             capacity=self.capacity, verifier_jwks=self.jwks, issuer=self.issuer,
             approved_images=(self.image,), allow_debug=self.allow_debug, floors=self.floors,
-            signing_key=entry.key_file or "signing-key.pem", token_env=token_env)
+            signing_key=entry.key_file or "signing-key.pem")
+
+    def site_config(self, entry: SiteConfig) -> SiteConfiguration:
+        """The site configuration of a site this process opens or starts: the registry's
+        own file (``config``), or one written for this run; checked against the study."""
+        config = load_site_config(entry.config or self.write(entry))
+        _check_member(config, entry.name, self.sites, self.capacity)
+        return config
 
 
-def embedded_service(entry: SiteConfig, defaults: SiteDefaults, capacity: int) -> ServiceSite:
-    """A site service on 127.0.0.1 for ``entry``, started here as its operator would: its
-    configuration (the registry's own, or one written for this run) and key first (the
-    verify key is read from the key file and pinned), then ``site serve`` in its own process
-    with a fresh token in its environment."""
-    if entry.config is not None:
-        path = Path(entry.config)
-        site_config = load_site_config(path)
-        _check_member(site_config, entry.name, defaults.sites, capacity)
-        token_env = site_config.service.token_env
-    else:
-        path, token_env = defaults.write(entry, token_env=EMBEDDED_TOKEN_ENV), EMBEDDED_TOKEN_ENV
-        site_config = load_site_config(path)
-    key = load_signing_key(site_config.signing_key)
+def embedded_service(entry: SiteConfig, config: SiteConfiguration,
+                     population: pd.DataFrame | None) -> ServiceSite:
+    """A site service on 127.0.0.1 for ``entry``, started here as its operator would: the
+    verify key is read from the configuration's key file (created first) and pinned, then
+    ``site serve`` runs in its own process with a fresh token in its environment."""
+    key = load_signing_key(config.signing_key)
     token = secrets.token_hex(16)
-    process = SiteProcess(path, 0, token, token_env, log=path.parent / "service.log")
-    population = (read_population(entry.population, entry.name)
-                  if entry.population is not None else None)
+    process = SiteProcess(config.path, 0, token, config.service.token_env,
+                          log=config.path.parent / "service.log")
     return ServiceSite(entry.name, "", token=token,
-                       verify_key=key.public.to_bytes().hex(), sites=defaults.sites,
+                       verify_key=key.public.to_bytes().hex(), sites=config.sites,
                        timeout=entry.timeout, start_timeout=entry.start_timeout,
-                       source=site_config.source, population=population, process=process)
-
-
-#: The variable an embedded site service reads its token from.
-EMBEDDED_TOKEN_ENV = "PETS_SITE_TOKEN"
+                       source=config.source, population=population, process=process)
 
 
 def demo_federation(seed: int = 7, n_sites: int = 2, rows_per_site: int | None = None, *,

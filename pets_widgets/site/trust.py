@@ -50,11 +50,6 @@ class Floors:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Floors:
-        return cls(int(data["k"]), float(data["max_epsilon"]), int(data["min_subset"]),
-                   float(data["lifetime_epsilon"]), bool(data["allow_site_breakdown"]))
-
 
 @dataclass(frozen=True)
 class SiteTrust:
@@ -64,16 +59,6 @@ class SiteTrust:
     approved_images: tuple[str, ...]
     issuer: str = ISSUER
     allow_debug: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"verifier_jwks": dict(self.verifier_jwks),
-                "approved_images": list(self.approved_images), "issuer": self.issuer,
-                "allow_debug": self.allow_debug}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SiteTrust:
-        return cls(dict(data["verifier_jwks"]), tuple(str(i) for i in data["approved_images"]),
-                   str(data["issuer"]), bool(data["allow_debug"]))
 
 
 @dataclass(frozen=True)
@@ -142,8 +127,7 @@ class _Checklist:
     """Collects checks in order; after the first failure the rest are recorded as not made
     (a site stops there; a reviewer sees what was and was not checked)."""
 
-    def __init__(self, floors: Floors) -> None:
-        self.floors = floors
+    def __init__(self) -> None:
         self.results: list[Check] = []
         self.failed = False
 
@@ -177,7 +161,7 @@ def token_checks(token: str, *, site: str, nonce: str | None, public_key_n: int 
     the pinned JWKS before any claim is believed; the claims are then compared one by one so
     that each check has its own result.
     """
-    checks = _Checklist(floors)
+    checks = _Checklist()
     when = time.time() if now is None else now
     try:
         kid = jwt.get_unverified_header(token).get("kid")
