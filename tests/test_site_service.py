@@ -225,25 +225,26 @@ def _tampered(site, monkeypatch, change):
     monkeypatch.setattr(site, "_call", tampering)
 
 
-def test_a_tampered_reply_is_refused_naming_the_site(sfed2, monkeypatch):
-    def flip(reply):
-        first = reply["aggregate"]["ciphertexts"][0]
-        reply["aggregate"]["ciphertexts"][0] = format(int(first, 16) ^ 1, "x")
+def _flip_a_ciphertext_bit(aggregate):
+    aggregate["ciphertexts"][0] = format(int(aggregate["ciphertexts"][0], 16) ^ 1, "x")
+
+
+def _claim_to_be_ndrs(aggregate):
+    aggregate["site"] = "NDRS"
+
+
+@pytest.mark.parametrize(("change", "cause"), [
+    (_flip_a_ciphertext_bit, "signature"),
+    (_claim_to_be_ndrs, "another site"),
+], ids=["tampered", "another-site"])
+def test_a_tampered_or_foreign_reply_is_refused_naming_the_site(sfed2, monkeypatch, change,
+                                                                cause):
+    def tamper(reply):
+        change(reply["aggregate"])
         return reply
 
-    _tampered(sfed2._sites[1], monkeypatch, flip)
-    run_fault(sfed2, SiteIntegrityError, "NCI", "signature")
-    monkeypatch.undo()
-    next_query_succeeds(sfed2)
-
-
-def test_a_reply_from_another_site_is_refused(sfed2, monkeypatch):
-    def renamed(reply):
-        reply["aggregate"]["site"] = "NDRS"
-        return reply
-
-    _tampered(sfed2._sites[1], monkeypatch, renamed)
-    run_fault(sfed2, SiteIntegrityError, "NCI", "another site")
+    _tampered(sfed2._sites[1], monkeypatch, tamper)
+    run_fault(sfed2, SiteIntegrityError, "NCI", cause)
     monkeypatch.undo()
     next_query_succeeds(sfed2)
 
@@ -506,7 +507,8 @@ def test_a_service_whose_kernel_died_stops_with_a_failure_status(tmp_path):
         site.close()
 
 
-def test_a_site_dripping_its_reply_is_held_to_the_timeout():
+@pytest.mark.parametrize("pause", [0.5, 5.0], ids=["dripping", "stalled"])
+def test_a_site_dripping_or_stalling_its_reply_is_held_to_the_timeout(pause):
     import contextlib
     import http.server
     import threading
@@ -521,7 +523,7 @@ def test_a_site_dripping_its_reply_is_held_to_the_timeout():
                 for _ in range(30):
                     self.wfile.write(b" ")
                     self.wfile.flush()
-                    time.sleep(0.5)
+                    time.sleep(pause)
 
         def log_message(self, *args):
             pass

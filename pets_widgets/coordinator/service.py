@@ -27,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
@@ -231,7 +232,8 @@ class ServiceSite:
                     if time.monotonic() > deadline:
                         raise late
                     chunks.append(chunk)
-        except requests.Timeout:
+        except (requests.Timeout, urllib3.exceptions.ReadTimeoutError):
+            # (read1 reads the raw stream: its timeouts and breaks are urllib3's own)
             raise late from None
         except requests.exceptions.SSLError:
             raise SiteError(self.name, "refused the TLS connection (certificate)",
@@ -239,7 +241,7 @@ class ServiceSite:
         except requests.ConnectionError:
             raise SiteError(self.name, f"cannot be reached at {self.url}",
                             rule="unreachable") from None
-        except requests.RequestException as exc:
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise SiteIntegrityError(self.name, f"its reply to {op} is broken "
                                      f"({type(exc).__name__})") from None
         if response.status_code == 401:
