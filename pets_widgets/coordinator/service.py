@@ -172,7 +172,7 @@ class ServiceSite:
     def respond(self, request: AggregateRequest) -> EncryptedAggregate:
         reply = self._call("POST", "/aggregate", request.to_body(), self.timeout, "aggregate")
         try:
-            aggregate = EncryptedAggregate.from_json(json.dumps(reply["aggregate"]))
+            aggregate = EncryptedAggregate.from_dict(reply["aggregate"])
             nonce, expires = str(reply["nonce"]), float(reply["nonce_expires"])
         except (KeyError, TypeError, ValueError, IntegrityError) as exc:
             raise SiteIntegrityError(self.name, f"its reply is not an encrypted aggregate "

@@ -59,30 +59,40 @@ class EncryptedAggregate:
         return EncryptedAggregate(self.site, self.spec_hash, self.nonce, self.key_fingerprint,
                                   self.packing, self.ciphertexts, key.sign(self.body()))
 
-    def to_json(self) -> str:
-        """Wire form for kernels and gateways: ciphertexts as hex strings."""
-        return json.dumps({
+    def to_dict(self) -> dict[str, Any]:
+        """Wire form (JSON-ready): ciphertexts and signature as hex strings."""
+        return {
             "site": self.site, "spec_hash": self.spec_hash, "nonce": self.nonce,
             "key_fingerprint": self.key_fingerprint, "packing": self.packing.to_dict(),
             "ciphertexts": [format(c, "x") for c in self.ciphertexts],
             "signature": self.signature.hex(),
-        }, sort_keys=True)
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> EncryptedAggregate:
+    def from_dict(cls, d: Any) -> EncryptedAggregate:
         """Parse the wire form; any malformed field is an :class:`IntegrityError`."""
         try:
-            d = json.loads(text)
             return cls(str(d["site"]), str(d["spec_hash"]), str(d["nonce"]),
                        str(d["key_fingerprint"]), Packing(**d["packing"]),
                        tuple(int(c, 16) for c in d["ciphertexts"]), bytes.fromhex(d["signature"]))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IntegrityError(f"malformed encrypted aggregate ({type(exc).__name__})") from None
 
+    @classmethod
+    def from_json(cls, text: str) -> EncryptedAggregate:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise IntegrityError(f"malformed encrypted aggregate ({type(exc).__name__})") from None
+        return cls.from_dict(data)
+
 
 @dataclass(frozen=True)
 class AggregateRequest:
-    """Everything a site needs for one query; plain data, so it can cross into a kernel as JSON."""
+    """Everything a site needs for one query; plain data, so it can travel as JSON."""
 
     spec: QuerySpec
     #: The platform verifier's attestation token for this site and this admission (a JWT).
@@ -91,20 +101,15 @@ class AggregateRequest:
     #: The encoding the enclave expects; the site computes its own and refuses any other.
     packing: Packing
 
-    def to_json(self) -> str:
-        return json.dumps({
-            "spec": self.spec.to_dict(),
-            "token": self.token,
-            "public_key_n": format(self.public_key.n, "x"),
-            "packing": self.packing.to_dict(),
-        }, sort_keys=True)
-
     def to_body(self) -> dict[str, Any]:
         """The body of a site service's ``POST /aggregate``: the admission and the token."""
         return {"admission": {"spec": self.spec.to_dict(),
                               "public_key_n": format(self.public_key.n, "x"),
                               "packing": self.packing.to_dict()},
                 "token": self.token}
+
+    def to_json(self) -> str:
+        return json.dumps({**self.to_body()["admission"], "token": self.token}, sort_keys=True)
 
     @classmethod
     def from_body(cls, body: object) -> AggregateRequest:
@@ -120,13 +125,20 @@ class AggregateRequest:
                                        "packing", ["spec", "public_key_n", "packing"])
         if not isinstance(body["token"], str):
             raise QueryValidationError("token", "must be the attestation token (a JWT)")
-        return cls.from_json(json.dumps({**admission, "token": body["token"]}))
+        return cls._from_dict({**admission, "token": body["token"]})
 
     @classmethod
     def from_json(cls, text: str) -> AggregateRequest:
         """Parse and re-validate a request; the spec is checked again against the schema."""
         try:
-            d = json.loads(text)
+            data = json.loads(text)
+        except ValueError as exc:
+            raise QueryValidationError("request", f"malformed ({type(exc).__name__})") from None
+        return cls._from_dict(data)
+
+    @classmethod
+    def _from_dict(cls, d: Any) -> AggregateRequest:
+        try:
             token = str(d["token"])
             public_key = PublicKey(int(d["public_key_n"], 16))
             packing = Packing(**d["packing"])

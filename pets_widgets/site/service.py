@@ -129,7 +129,7 @@ def _aggregate(site: Site, config: SiteConfiguration, body: object) -> dict[str,
     with _deadline(config.service.deadline):
         reply = site.respond(request)
     nonce, expires = site.next_nonce()
-    return {"aggregate": json.loads(reply.to_json()), "nonce": nonce,
+    return {"aggregate": reply.to_dict(), "nonce": nonce,
             "nonce_expires": expires}
 
 

@@ -210,10 +210,6 @@ class Site:
         for pool in self._pools.values():
             pool.close()
 
-    def respond_json(self, request_json: str) -> str:
-        """:meth:`respond` on the JSON wire form (the entry point inside a site kernel)."""
-        return self.respond(AggregateRequest.from_json(request_json)).to_json()
-
     # -- computation (private: per-site plaintext) ------------------------------------------
     def _aggregate(self, spec: QuerySpec) -> np.ndarray:
         """The integer aggregate vector of ``spec`` on this site's rows, in layout order."""
