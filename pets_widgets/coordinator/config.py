@@ -62,7 +62,7 @@ from pets_widgets.coordinator.service import DEFAULT_START_TIMEOUT, DEFAULT_TIME
 from pets_widgets.core.errors import ConfigError
 from pets_widgets.core.packing import DEFAULT_SITE_CAPACITY
 from pets_widgets.core.paillier import ALLOWED_KEY_BITS
-from pets_widgets.site.config import config_path
+from pets_widgets.core.tomlfile import ENV_NAME, config_path
 from pets_widgets.site.sources import Source, anchored, source_from_dict
 
 BACKENDS = ("local", "service")
@@ -73,7 +73,7 @@ SITE_KEYS = ("name", "backend", "source", "config", "url", "token_env", "kernel_
 SERVICE_KEYS = ("name", "backend", "url", "token_env", "verify_key", "ca_file", "client_cert",
                 "client_key", "timeout", "start_timeout", "population")
 FEDERATION_KEYS = ("key_bits", "timeout", "site_capacity", "ledger", "verifier")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = ENV_NAME
 
 
 @dataclass(frozen=True)
@@ -278,7 +278,7 @@ def _service_site(raw: Mapping[str, Any], name: str, where: str, base: Path | No
     url, token_env = raw.get("url"), raw.get("token_env")
     if not isinstance(url, str) or not re.match(r"^https?://", url):
         raise ConfigError(f"{where}: a service site needs url = \"http(s)://host:port/\"")
-    if not isinstance(token_env, str) or not _ENV_NAME.match(token_env):
+    if not isinstance(token_env, str) or not _ENV_NAME.fullmatch(token_env):
         raise ConfigError(f"{where}: a service site needs token_env, the name of the "
                           "environment variable holding its token")
     verify_key = raw.get("verify_key")

@@ -35,7 +35,6 @@ import json
 import os
 import re
 import sqlite3
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -50,6 +49,15 @@ from pets_widgets.core.evidence import ISSUER
 from pets_widgets.core.keyfile import load_or_create
 from pets_widgets.core.packing import DEFAULT_SITE_CAPACITY
 from pets_widgets.core.signing import SigningKey
+from pets_widgets.core.tomlfile import (
+    ENV_NAME,
+    config_path,
+    known,
+    read_toml,
+    site_names,
+    table,
+    toml_literal,
+)
 from pets_widgets.site.budget import SiteBudget
 from pets_widgets.site.site import Site
 from pets_widgets.site.sources import Source, anchored, source_from_dict
@@ -121,28 +129,15 @@ def load_site_config(path: str | os.PathLike[str]) -> SiteConfiguration:
     ``floor.k``...) with what it allows. The pinned JWKS file is read now; the signing key
     and the data are not (see :func:`open_site`).
     """
-    try:
-        path = Path(path).expanduser()
-        if path.is_dir():
-            path = path / FILE_NAME
-    except (OSError, ValueError, TypeError):
-        raise ConfigError(f"{path!r}: not a site configuration path") from None
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such site configuration file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: cannot be read ({type(exc).__name__})") from None
-    return parse_site_config(data, path.resolve())
+    data, path = read_toml(path, FILE_NAME, "site configuration")
+    return parse_site_config(data, path)
 
 
 def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfiguration:
     """Check parsed TOML of the site configuration at ``path`` (its folder anchors paths)."""
     label = str(path)
     base = path.parent
-    _known(data, TOP_KEYS, label, "the file")
+    known(data, TOP_KEYS, label, "the file")
     name = data.get("name")
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"{label}: name must be the site's name, as the dictionary lists it")
@@ -151,18 +146,14 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfiguration:
     if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
         raise ConfigError(f"{label}: capacity must be a positive integer (a public bound on "
                           "the site's number of patients)")
-    dictionary = _table(data, "dictionary", label)
-    _known(dictionary, ("sites",), label, "[dictionary]")
-    sites = dictionary.get("sites", [name])
-    if (not isinstance(sites, list) or not sites
-            or not all(isinstance(s, str) and s.strip() for s in sites)):
-        raise ConfigError(f"{label}: dictionary.sites must be a list of the study's site names")
-    sites = tuple(s.strip() for s in sites)
-    if name not in sites or len(set(sites)) != len(sites):
+    dictionary = table(data, "dictionary", label)
+    known(dictionary, ("sites",), label, "[dictionary]")
+    sites = site_names(dictionary.get("sites", [name]), label, "dictionary.sites")
+    if name not in sites:
         raise ConfigError(f"{label}: dictionary.sites must list each site once, {name!r} "
                           "among them")
     try:
-        source = source_from_dict(_table(data, "source", label, required=True))
+        source = source_from_dict(table(data, "source", label, required=True))
     except ConfigError as exc:
         raise ConfigError(f"{label}: source: {exc}") from None
     source = anchored(source, base, lambda path, key: config_path(path, key, base, label))
@@ -171,46 +162,16 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfiguration:
         signing_key=config_path(data.get("signing_key", "signing-key.pem"), "signing_key", base,
                           label),
         budget=config_path(data.get("budget", "site-budget.sqlite"), "budget", base, label),
-        source=source, trust=_trust(_table(data, "trust", label, required=True), base, label),
-        floors=_floors(_table(data, "floor", label), label), sites=sites, path=path,
-        service=_service(_table(data, "service", label), base, label))
+        source=source, trust=_trust(table(data, "trust", label, required=True), base, label),
+        floors=_floors(table(data, "floor", label), label), sites=sites, path=path,
+        service=_service(table(data, "service", label), base, label))
 
 
-def _table(data: Mapping[str, Any], key: str, label: str,
-           required: bool = False) -> Mapping[str, Any]:
-    value = data.get(key)
-    if value is None:
-        if required:
-            raise ConfigError(f"{label}: needs a [{key}] table")
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{label}: {key} must be a table ([{key}])")
-    return value
 
-
-def _known(table: Mapping[str, Any], allowed: Sequence[str], label: str, where: str) -> None:
-    unknown = sorted(set(table) - set(allowed))
-    if unknown:
-        raise ConfigError(f"{label}: {where} has unknown keys {unknown}; allowed: "
-                          f"{list(allowed)}")
-
-
-def config_path(value: object, key: str, base: Path, label: str) -> Path:
-    """A configured path made absolute: a relative one must stay inside ``base``."""
-    if not isinstance(value, str) or not value.strip() or "\x00" in value:
-        raise ConfigError(f"{label}: {key} must be a file path")
-    given = Path(value).expanduser()
-    if given.is_absolute():
-        return given
-    resolved = (base / given).resolve()
-    if not resolved.is_relative_to(base.resolve()):
-        raise ConfigError(f"{label}: {key} leaves the configuration's folder; give a path "
-                          "inside it, or an absolute path")
-    return resolved
 
 
 def _trust(table: Mapping[str, Any], base: Path, label: str) -> SiteTrust:
-    _known(table, TRUST_KEYS, label, "[trust]")
+    known(table, TRUST_KEYS, label, "[trust]")
     jwks_path = config_path(table.get("verifier_jwks"), "trust.verifier_jwks", base, label)
     try:
         jwks = json.loads(jwks_path.read_text(encoding="utf-8"))
@@ -256,7 +217,7 @@ def _valid_jwks(jwks: object) -> bool:
 
 
 def _floors(table: Mapping[str, Any], label: str) -> Floors:
-    _known(table, FLOOR_KEYS, label, "[floor]")
+    known(table, FLOOR_KEYS, label, "[floor]")
     default = Floors()
     k = table.get("k", default.k)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -279,10 +240,10 @@ def _floors(table: Mapping[str, Any], label: str) -> Floors:
 
 
 def _service(table: Mapping[str, Any], base: Path, label: str) -> ServiceSettings:
-    _known(table, SERVICE_KEYS, label, "[service]")
+    known(table, SERVICE_KEYS, label, "[service]")
     default = ServiceSettings()
     token_env = table.get("token_env", default.token_env)
-    if not isinstance(token_env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", token_env):
+    if not isinstance(token_env, str) or not ENV_NAME.fullmatch(token_env):
         raise ConfigError(f"{label}: service.token_env must be the NAME of an environment "
                           "variable holding the token (letters, digits, _)")
     files = {key: None if table.get(key) is None
@@ -374,13 +335,7 @@ def write_site_config(folder: str | os.PathLike[str], name: str, source: Mapping
     return path
 
 
-def _toml(value: object) -> str:
-    """A TOML literal: JSON's strings, numbers and arrays are TOML's too."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    return json.dumps(value)
+_toml = toml_literal
 
 
 _TEMPLATE = """\

@@ -12,188 +12,28 @@ needs no locking across kernels).
 
 from __future__ import annotations
 
-import asyncio
-import atexit
 import hmac
-import inspect
-import json
 import os
-import shutil
-import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from kernel_gateway.gatewayapp import KernelGatewayApp
-from tornado import httpserver
-from tornado.ioloop import PeriodicCallback
-from traitlets.config import Config
-
 from pets_widgets.core.errors import ConfigError
+from pets_widgets.core.gateway import (
+    PARENT_ENV,
+    ServiceGatewayApp,
+    gateway_config,
+    private_runtime,
+    run,
+)
 from pets_widgets.core.net import LOOPBACK, free_port
-from pets_widgets.site.config import SiteConfiguration, load_signing_key, load_site_config
+from pets_widgets.site.config import load_signing_key, load_site_config
 from pets_widgets.site.service import CONFIG_ENV
+
+__all__ = ["NOTEBOOK", "PARENT_ENV", "serve"]
 
 #: The notebook whose annotated cells are the routes (shipped with the package).
 NOTEBOOK = Path(__file__).with_name("service.ipynb")
-#: Set by a coordinator that starts this service itself: its process id.
-PARENT_ENV = "PETS_PARENT_PID"
-#: Seconds a client may keep a connection idle, or take to send a request's body.
-IDLE_SECONDS = 75.0
-BODY_SECONDS = 30.0
-#: Seconds between the kernel pool's subscription to its kernel and the first request.
-SUBSCRIBE_SECONDS = 0.5
-
-
-class SiteGatewayApp(KernelGatewayApp):
-    """Kernel Gateway with the limits a site needs, serving only once its kernel is ready,
-    and a clean stop on SIGINT and SIGTERM."""
-
-    max_body = 64 * 2**10
-    announce = ""
-    exit_code = 0
-
-    def init_http_server(self) -> None:
-        # The server is made here and listens only once the site's kernel is seeded (see
-        # _serve_when_ready). Its tornado limits: a body larger than max_body is refused
-        # before it reaches the kernel, and slow or idle clients are cut off.
-        self.http_server = httpserver.HTTPServer(
-            self.web_app, xheaders=self.trust_xheaders, ssl_options=self._build_ssl_options(),
-            max_body_size=self.max_body, max_buffer_size=self.max_body + 2**16,
-            body_timeout=BODY_SECONDS, idle_connection_timeout=IDLE_SECONDS)
-
-    async def _serve_when_ready(self) -> None:
-        """Listen once the kernel pool is ready, and a moment later than that.
-
-        The pool subscribes to its kernel's output (ZeroMQ PUB/SUB) only when seeding ends;
-        a request waiting at that moment can have its reply published before the
-        subscription is in place, and then waits forever. Nothing can connect before the
-        subscription has settled, so no request meets that race.
-        """
-        await self.personality.kernel_pool.managed_pool_initialized
-        await asyncio.sleep(SUBSCRIBE_SECONDS)
-        port = int(self.config.KernelGatewayApp.port)
-        try:
-            self.http_server.listen(port, self.ip)
-        except OSError as exc:
-            self.log.critical("cannot listen on %s:%s (%s)", self.ip, port, exc)
-            self.exit_code = 1
-            self.stop()
-            return
-        if port == 0:  # the operating system's choice, reported in the announcement
-            port = next(iter(self.http_server._sockets.values())).getsockname()[1]
-        if self.announce:
-            print(self.announce.format(port=port), flush=True)
-        self._kernel_watch = PeriodicCallback(self._check_kernel, 1000)
-        self._kernel_watch.start()
-
-    async def _check_kernel(self) -> None:
-        """Stop (exit status 1) when the site's kernel has died: the gateway would hold every
-        request forever, and a supervisor (systemd's Restart=on-failure) starts a fresh one."""
-        for kernel_id in list(self.kernel_manager.list_kernel_ids()):
-            alive = self.kernel_manager.get_kernel(kernel_id).is_alive()
-            if inspect.isawaitable(alive):
-                alive = await alive
-            if not alive:
-                self.log.critical("the site's kernel died; stopping so it can be restarted")
-                self.exit_code = 1
-                self.stop()
-                return
-
-    def init_webapp(self) -> None:
-        from kernel_gateway.notebook_http.handlers import NotebookAPIHandler
-
-        NotebookAPIHandler.prepare = _guard  # this process serves one site and nothing else
-        super().init_webapp()
-
-    def init_signal(self) -> None:
-        # Stop at once on Ctrl-C as on SIGTERM (no "shut down? y/n" prompt): the kernels are
-        # shut down by the personality before the loop stops.
-        signal.signal(signal.SIGINT, self._signal_stop)
-        signal.signal(signal.SIGTERM, self._signal_stop)
-
-    def start_app(self) -> None:
-        super().start_app()
-        self.io_loop.add_callback(self._serve_when_ready)
-        parent = os.environ.get(PARENT_ENV)
-        if parent and parent.isdigit():
-            # Started by a coordinator for the embedded default: stop when it is gone (a
-            # killed notebook kernel must not leave its site services behind).
-            def orphaned() -> None:
-                if os.getppid() != int(parent):
-                    self.stop()
-
-            self._watch = PeriodicCallback(orphaned, 1000)
-            self._watch.start()
-
-    def start(self) -> None:
-        self.start_app()
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        self.io_loop.start()
-
-
-def _guard(handler: Any) -> None:
-    """What every request meets before a kernel is touched (installed as the notebook-http
-    handlers' ``prepare``): the token, in the Authorization header only and compared in
-    constant time; only the route's own method; a JSON body in UTF-8. Every refusal is JSON
-    with a rule, like the routes' own errors."""
-    request = handler.request
-    expected = str(handler.settings.get("kg_auth_token") or "")
-    header = request.headers.get("Authorization", "")
-    given = header[len("token "):] if header.startswith("token ") else ""
-    if ("token" in request.query_arguments or "token" in request.body_arguments
-            or not expected or not hmac.compare_digest(given.encode(), expected.encode())):
-        return _refuse(handler, 401, "token", "give the service's token as the header "
-                       "Authorization: token <token> (and nowhere else)")
-    if request.method not in handler.sources:
-        return _refuse(handler, 405, "method", "this route takes " +
-                       " and ".join(sorted(handler.sources)))
-    try:
-        request.body.decode("utf-8")
-        bytes(request.query, "latin-1").decode("utf-8")
-    except (UnicodeDecodeError, UnicodeEncodeError):
-        return _refuse(handler, 400, "encoding", "the request is not UTF-8")
-    if request.method == "POST":
-        kind = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if kind != "application/json":
-            return _refuse(handler, 415, "content_type", "the body must be JSON "
-                           "(Content-Type: application/json)")
-        request.headers["Content-Type"] = "application/json"  # the gateway compares exactly
-    return None
-
-
-def _refuse(handler: Any, status: int, rule: str, message: str) -> None:
-    handler.set_status(status)
-    handler.set_header("Content-Type", "application/json")
-    handler.finish(json.dumps({"error": "RequestRefused", "rule": rule, "message": message}))
-
-
-def gateway_config(config: SiteConfiguration, host: str, port: int, token: str) -> Config:
-    """The Kernel Gateway settings of a site service (the token is never on a command line)."""
-    c = Config()
-    app = c.KernelGatewayApp
-    app.api = "kernel_gateway.notebook_http"
-    app.seed_uri = str(NOTEBOOK)
-    app.ip, app.port, app.port_retries = host, port, 0
-    app.auth_token = token
-    app.prespawn_count = 1
-    service = config.service
-    if service.certfile is not None and service.keyfile is not None:
-        app.certfile, app.keyfile = str(service.certfile), str(service.keyfile)
-    if service.client_ca is not None:
-        app.client_ca = str(service.client_ca)
-    c.NotebookHTTPPersonality.allow_notebook_download = False
-    # The gateway and its kernel talk over CurveZMQ-encrypted ZeroMQ through Unix sockets in
-    # a private folder: no TCP port to collide with another service's kernel, or to reach.
-    c.KernelManager.transport = "ipc"
-    c.KernelManager.transport_encryption = "required"
-    # A dead kernel is not restarted behind the gateway's back (its pool would wait for it
-    # forever): the service stops instead (see SiteGatewayApp._check_kernel).
-    c.KernelManager.autorestart = False
-    return c
-
-
 def serve(config_path: str | os.PathLike[str], host: str = LOOPBACK,
           port: int | None = None) -> int:
     """Run the site service of ``config_path`` until Ctrl-C or SIGTERM; returns an exit code.
@@ -212,19 +52,18 @@ def serve(config_path: str | os.PathLike[str], host: str = LOOPBACK,
         print(f"error: {exc}", file=sys.stderr)
         return 2
     port = free_port(host) if port is None else port  # 0: any free port, announced
-    scheme = "https" if config.service.certfile is not None else "http"
+    service = config.service
+    scheme = "https" if service.certfile is not None else "http"
     # The site kernel inherits this process's environment: that is how it learns its
     # configuration, and the only way (no request can name a path).
     os.environ[CONFIG_ENV] = str(config.path)
-    os.environ.pop("KG_AUTH_TOKEN", None)
-    # The kernel's connection file and sockets live in a folder of this process (0700).
-    runtime = tempfile.mkdtemp(prefix="pets-site-runtime-")
-    atexit.register(shutil.rmtree, runtime, True)
-    os.environ["JUPYTER_RUNTIME_DIR"] = runtime
-    app: Any = SiteGatewayApp(config=gateway_config(config, host, port, token))
-    app.max_body = config.service.max_body
+    private_runtime("pets-site-runtime-")
+    app: Any = ServiceGatewayApp(config=gateway_config(
+        NOTEBOOK, host, port, certfile=service.certfile, keyfile=service.keyfile,
+        client_ca=service.client_ca))
+    expected = token.encode()
+    app.authorize = lambda given: hmac.compare_digest(given.encode(), expected)
+    app.what, app.max_body = "site", service.max_body
     app.announce = (f"site {config.name} serving at {scheme}://{host}:{{port}}/ "
                     f"verify key {key.public.to_bytes().hex()}")
-    app.initialize([])
-    app.start()
-    return int(app.exit_code)
+    return run(app)
