@@ -13,6 +13,8 @@ One import is all a user needs::
     fed = pw.Federation.from_config("sites.toml")   # site services, by URL or started here
     fed.status()
 
+    fed = pw.demo_federation(backend="service")   # sites and the enclave as services
+
 Approved query specs run inside each site; only Paillier-encrypted aggregates leave; an
 attested enclave decrypts the sum, adds exact discrete Laplace noise and hides small cells.
 """
@@ -29,6 +31,7 @@ from pets_widgets.core.errors import (
     BudgetExceeded,
     ConfigError,
     DataValidationError,
+    EnclaveError,
     IntegrityError,
     PetsError,
     QueryRefused,
@@ -66,6 +69,7 @@ __all__ = [  # noqa: RUF022 (grouped by what a user does, not sorted)
     # what can go wrong
     "PetsError", "QueryValidationError", "QueryRefused", "BudgetExceeded", "SiteError",
     "AttestationError", "IntegrityError", "DataValidationError", "ConfigError",
+    "EnclaveError",
 ]
 
 #: Modules reached as attributes (``pw.schema``, ``pw.presets``...), imported on first use: the

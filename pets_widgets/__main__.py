@@ -12,6 +12,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pets_widgets.core.enclave_config import EnclaveConfiguration
+    from pets_widgets.enclave.ledger import Ledger
 
 
 def demo(seed: int) -> None:
@@ -91,6 +96,69 @@ def attest_command(args: argparse.Namespace) -> int:
     return report.status
 
 
+def enclave_command(args: argparse.Namespace) -> int:
+    """The enclave operator's commands (out of band: no analyst can reach them)."""
+    from pets_widgets.core.enclave_config import load_enclave_config
+    from pets_widgets.core.errors import ConfigError, IntegrityError
+
+    if args.enclave_command == "serve":
+        from pets_widgets.platform.launch import serve
+
+        return serve(args.config, args.host, args.port, debug=args.debug)
+    try:
+        config = load_enclave_config(args.config)
+        if args.enclave_command == "check":
+            print(f"{config.path}: usable; sites {', '.join(config.sites)}; policy "
+                  f"{config.policy.hash[:12]}; ledger {config.ledger}")
+            print(config.policy.describe())
+            return 0
+        ledger = open_operator_ledger(config)
+    except (ConfigError, IntegrityError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.enclave_command == "add-analyst":
+        try:
+            token = ledger.add_analyst(args.name)
+        except ValueError as exc:
+            print(f"error: name: {exc}", file=sys.stderr)
+            return 2
+        print(token)
+        print(f"(the token of analyst {args.name}: give it to them alone; the ledger keeps only "
+              "its hash, and a new add-analyst replaces it)", file=sys.stderr)
+        return 0
+    if args.enclave_command == "revoke":
+        if not ledger.revoke_analyst(args.name):
+            print(f"error: no analyst {args.name!r} with a working token", file=sys.stderr)
+            return 1
+        print(f"revoked the token of {args.name}")
+        return 0
+    if args.enclave_command == "unlock":
+        locked = ledger.meta("locked")
+        if not locked:
+            print("the ledger is not locked")
+            return 0
+        ledger.unlock()
+        print(f"unlocked (the lock was: {locked})")
+        return 0
+    from pets_widgets.enclave.ledger import main as audit_main
+
+    return audit_main([str(config.ledger), *(["--json"] if args.json else [])])
+
+
+def open_operator_ledger(config: EnclaveConfiguration) -> Ledger:
+    """The ledger of an enclave configuration, for its operator (the same policy check the
+    enclave makes: a ledger created under another policy is refused)."""
+    from pets_widgets.core.errors import IntegrityError
+    from pets_widgets.enclave.ledger import Ledger
+
+    ledger = Ledger(config.ledger)
+    bound = ledger.meta("policy_digest")
+    if bound is not None and bound != config.policy.hash:
+        raise IntegrityError(f"{config.ledger} was created under another policy than this "
+                             "configuration's")
+    return ledger
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pets_widgets")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +204,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_check = site.add_parser("check", help="validate a site configuration and its data "
                               "(rules and counts only, never rows or values)")
     p_check.add_argument("--config", required=True, metavar="SITE.toml")
+    p_enclave = sub.add_parser("enclave", help="the enclave operator: serve the enclave "
+                               "(launched and measured by the platform verifier), manage "
+                               "analysts' tokens, unlock, audit")
+    enclave = p_enclave.add_subparsers(dest="enclave_command", required=True)
+    p_eserve = enclave.add_parser("serve", help="measure and launch the enclave service (routes "
+                                  "/status /admit /release /budget /audit) until Ctrl-C")
+    p_eserve.add_argument("--config", required=True, metavar="ENCLAVE.toml")
+    p_eserve.add_argument("--host", default="127.0.0.1")
+    p_eserve.add_argument("--port", type=int, default=None, help="default: a free port")
+    p_eserve.add_argument("--debug", action="store_true", help="a debug build (noiseless test "
+                          "door; its digest differs and sites refuse it by default)")
+    for name, text in (("add-analyst", "print a new token for analyst NAME (the ledger keeps "
+                        "its hash only)"), ("revoke", "stop analyst NAME's token working")):
+        p_an = enclave.add_parser(name, help=text)
+        p_an.add_argument("name", metavar="NAME")
+        p_an.add_argument("--config", required=True, metavar="ENCLAVE.toml")
+    for name, text in (("unlock", "lift the lock an integrity incident set"),
+                       ("audit", "print every audit row and the budgets"),
+                       ("check", "validate an enclave configuration")):
+        p_op = enclave.add_parser(name, help=text)
+        p_op.add_argument("--config", required=True, metavar="ENCLAVE.toml")
+        if name == "audit":
+            p_op.add_argument("--json", action="store_true")
     p_attest = sub.add_parser("attest", help="attestation: the enclave image digest to approve, "
                               "and a token checked as a site would")
     attest = p_attest.add_subparsers(dest="attest_command", required=True)
@@ -157,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return site_command(args)
     if args.command == "attest":
         return attest_command(args)
+    if args.command == "enclave":
+        return enclave_command(args)
     if args.command == "demo":
         demo(args.seed)
     elif args.command == "dashboard":

@@ -21,54 +21,42 @@ from pets_widgets.coordinator.federation import Federation, LocalSite
 from pets_widgets.core.query import QuerySpec
 from pets_widgets.core.release import Release
 from pets_widgets.core.wire import EncryptedAggregate
-from pets_widgets.enclave import ledger as audit
 from pets_widgets.enclave.admission import Admission
 from pets_widgets.enclave.enclave import Enclave
 from pets_widgets.enclave.pipeline.noise import NoiseMechanism
-from pets_widgets.enclave.pipeline.release import EXACT_MECHANISM, build_release, exact_blocks
 
 
 def admit_exact(enclave: Enclave, spec: QuerySpec, analyst: str,
                 sites: Sequence[str]) -> Admission:
-    """An open admission for the exact door: validated, but no policy, budget or stored
-    release (the enclave's own ``admit`` applies all three). Only a debug enclave has this
-    door: its tokens say so, and sites refuse them unless they allow debug enclaves."""
+    """An open admission for the exact door (see :meth:`Enclave.admit_exact`)."""
     if not enclave.debug:
         raise RuntimeError("exact totals need a debug enclave: build the federation with "
                            "demo_federation(..., debug=True) or from_config(..., debug=True)")
-    spec = spec.validate(enclave.schema).canonical(enclave.schema)
-    admission = enclave._admission(spec, Fraction(1), enclave.policy.k, analyst, tuple(sites))
-    enclave._open.open(admission)
-    return admission
+    return enclave.admit_exact(spec, analyst, sites)
 
 
 def release_exact(enclave: Enclave, admission: Admission,
                   aggregates: Sequence[EncryptedAggregate], summed: Sequence[int]) -> Release:
-    """Exact totals of verified aggregates: no noise, no suppression, no budget (an audit
-    row records the test use). For oracle tests only."""
-    admission, nonces = enclave._open.take(admission)
-    refusal = enclave._gate.inputs_refusal(admission.spec.kind)
-    if refusal is not None:
-        raise refusal
-    enclave._decryptor.verify(admission, nonces, aggregates, summed)
-    totals = enclave._decryptor.totals(admission, summed)
-    enclave.ledger.record(admission.record, audit.TEST, rule="test",
-                          reason="exact totals through pets_widgets.testing")
-    return build_release(admission.spec, enclave.schema, admission.layout, exact_blocks(totals),
-                         admission.epsilon, admission.k, enclave.policy,
-                         enclave._gate.public_inputs(admission.spec.kind),
-                         mechanism=EXACT_MECHANISM, sites=admission.sites,
-                         analyst=admission.analyst, suppress=False)
+    """Exact totals of verified aggregates (see :meth:`Enclave.release_exact`)."""
+    return enclave.release_exact(admission, aggregates, summed)
 
 
 def noiseless(fed: Federation, spec: QuerySpec) -> Release:
     """A Release from exact totals: the full encrypted pipeline (the federation's own gather
     of every site's aggregate), with no noise, no suppression and no budget. Its table is in
     the canonical (dictionary) order of ``by``, as the pandas oracles group; ``fed.run``
-    returns the user's order (``release.ordered(spec.order)`` gives it here too)."""
-    admission = admit_exact(fed.enclave, spec, "pets_widgets.testing", fed.site_names)
-    aggregates, summed = fed._gather(admission, lambda stage, site, frac: None)
-    return release_exact(fed.enclave, admission, aggregates, summed)
+    returns the user's order (``release.ordered(spec.order)`` gives it here too).
+
+    Only a debug enclave has this door (in process, or ``enclave serve --debug``): its
+    tokens say so and its image digest differs, so default sites refuse it."""
+    if not fed.enclave.debug:
+        raise RuntimeError("exact totals need a debug enclave: build the federation with "
+                           "demo_federation(..., debug=True) or from_config(..., debug=True)")
+    sites = fed.site_names
+    receipt = fed._port.admit_exact(spec, "pets_widgets.testing", sites,
+                                    fed._challenges(lambda stage, site, frac: None))
+    aggregates, summed = fed._gather(receipt, lambda stage, site, frac: None)
+    return fed._port.release(receipt, aggregates, summed)
 
 
 def site_rows(fed: Federation, site: object) -> pd.DataFrame:
@@ -152,7 +140,12 @@ def seeded_sampler(seed: int) -> SeededDiscreteLaplace:
 
 @contextlib.contextmanager
 def use_mechanism(fed: Federation, mechanism: NoiseMechanism) -> Iterator[Federation]:
-    """Run ``fed``'s enclave with another noise mechanism inside the ``with`` block."""
+    """Run ``fed``'s enclave with another noise mechanism inside the ``with`` block (the
+    in-process simulation only: an enclave service draws its own noise, and no caller can
+    change how)."""
+    if not isinstance(fed.enclave, Enclave):
+        raise RuntimeError("another noise mechanism can be injected into an in-process "
+                           "enclave only; an enclave service draws its own noise")
     releaser = fed.enclave._releaser
     old = releaser.mechanism
     releaser.mechanism = mechanism

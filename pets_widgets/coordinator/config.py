@@ -73,6 +73,10 @@ SITE_KEYS = ("name", "backend", "source", "config", "url", "token_env", "kernel_
 SERVICE_KEYS = ("name", "backend", "url", "token_env", "verify_key", "ca_file", "client_cert",
                 "client_key", "timeout", "start_timeout", "population")
 FEDERATION_KEYS = ("key_bits", "timeout", "site_capacity", "ledger", "verifier")
+#: Keys of ``[enclave]``: an enclave service at ``url`` (or started here without one).
+ENCLAVE_KEYS = ("backend", "url", "token_env", "ca_file", "client_cert", "client_key",
+                "timeout", "start_timeout")
+ENCLAVE_BACKENDS = ("local", "service")
 _ENV_NAME = ENV_NAME
 
 
@@ -106,6 +110,23 @@ class SiteConfig:
 
 
 @dataclass(frozen=True)
+class EnclaveSettings:
+    """Where the enclave runs (``[enclave]``): ``local``, an object in this process (a
+    simulation; the default without the table), or ``service``: the enclave service at
+    ``url`` called with the analyst's token from ``token_env``, or, without a url, one
+    started on this machine by the platform verifier (the embedded default)."""
+
+    backend: str = "local"
+    url: str | None = None
+    token_env: str | None = None
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    timeout: float = 120.0
+    start_timeout: float = DEFAULT_START_TIMEOUT
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """A whole configuration file: its sites in order, and federation-wide settings."""
 
@@ -118,6 +139,7 @@ class FederationConfig:
     #: Folder of the platform verifier's signing key and published JWKS (kept across runs so
     #: that registries can pin it); None: a fresh verifier for this run.
     verifier: str | None = None
+    enclave: EnclaveSettings = EnclaveSettings()
 
     @property
     def synthetic_only(self) -> bool:
@@ -144,10 +166,10 @@ def load_config(path: str | os.PathLike[str]) -> FederationConfig:
 def parse_config(data: Mapping[str, Any], base: Path | None = None,
                  label: str = "<memory>") -> FederationConfig:
     """Check parsed TOML (a mapping) and build a :class:`FederationConfig`."""
-    unknown = set(data) - {"federation", "sites"}
+    unknown = set(data) - {"federation", "sites", "enclave"}
     if unknown:
         raise ConfigError(f"{label}: unknown top-level keys {sorted(unknown)}; allowed: "
-                          "[federation] and [[sites]]")
+                          "[federation], [enclave] and [[sites]]")
     fed = data.get("federation", {})
     if not isinstance(fed, Mapping):
         raise ConfigError(f"{label}: [federation] must be a table")
@@ -181,7 +203,47 @@ def parse_config(data: Mapping[str, Any], base: Path | None = None,
             raise ConfigError(f"{label}: verifier must be the folder of the platform "
                               "verifier's key and JWKS")
         verifier = _inside(verifier, "verifier", base, label)
-    return FederationConfig(sites, key_bits, capacity, label, ledger, verifier)
+    enclave = _enclave(data.get("enclave"), label, base)
+    if enclave.url is not None and (ledger is not None or key_bits is not None):
+        raise ConfigError(f"{label}: [federation] ledger and key_bits belong to the enclave "
+                          "service's operator when [enclave] has a url; remove them here")
+    return FederationConfig(sites, key_bits, capacity, label, ledger, verifier, enclave)
+
+
+def _enclave(raw: object, label: str, base: Path | None) -> EnclaveSettings:
+    """The ``[enclave]`` table: where the enclave runs and how this analyst reaches it."""
+    if raw is None:
+        return EnclaveSettings()
+    where = f"{label}: [enclave]"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be a table")
+    if "token" in raw:
+        raise ConfigError(f"{where}: never put a token in the file; give the NAME of the "
+                          "environment variable holding it as token_env")
+    unknown = sorted(set(raw) - set(ENCLAVE_KEYS))
+    if unknown:
+        raise ConfigError(f"{where} has unknown keys {unknown}; allowed: {list(ENCLAVE_KEYS)}")
+    backend = raw.get("backend", "service")
+    if backend not in ENCLAVE_BACKENDS:
+        raise ConfigError(f"{where}: backend must be one of {list(ENCLAVE_BACKENDS)}")
+    url, token_env = raw.get("url"), raw.get("token_env")
+    if url is not None:
+        if backend != "service" or not isinstance(url, str) or not re.match(r"^https?://",
+                                                                            url):
+            raise ConfigError(f"{where}: url must be \"http(s)://host:port/\" (a service)")
+        if not isinstance(token_env, str) or not _ENV_NAME.fullmatch(token_env):
+            raise ConfigError(f"{where}: an enclave service needs token_env, the name of the "
+                              "environment variable holding your analyst token")
+    elif token_env is not None or any(k in raw for k in ("ca_file", "client_cert",
+                                                         "client_key")):
+        raise ConfigError(f"{where}: token_env and TLS files are for an enclave service "
+                          "reached by its url")
+    files = {key: None if raw.get(key) is None else _inside(raw[key], key, base, where)
+             for key in ("ca_file", "client_cert", "client_key")}
+    return EnclaveSettings(
+        backend, url, token_env, files["ca_file"], files["client_cert"], files["client_key"],
+        _positive(raw.get("timeout", 120.0), f"{where}: timeout"),
+        _positive(raw.get("start_timeout", DEFAULT_START_TIMEOUT), f"{where}: start_timeout"))
 
 
 def _inside(value: object, key: str, base: Path | None, where: str) -> str:
@@ -326,7 +388,9 @@ def read_population(path: str, site: str) -> pd.DataFrame:
 
 
 def sites_of(names: Sequence[str], sources: Sequence[Source], backend: str,
-             timeout: float = DEFAULT_TIMEOUT) -> FederationConfig:
-    """A configuration of ``backend`` sites with these names and sources (for the demo)."""
+             timeout: float = DEFAULT_TIMEOUT, enclave: str = "local") -> FederationConfig:
+    """A configuration of ``backend`` sites with these names and sources (for the demo), and
+    an ``enclave`` that is ``local`` or a ``service`` started here."""
     return FederationConfig(tuple(SiteConfig(n, backend, s, timeout=timeout)
-                                  for n, s in zip(names, sources, strict=True)))
+                                  for n, s in zip(names, sources, strict=True)),
+                            enclave=EnclaveSettings(enclave))

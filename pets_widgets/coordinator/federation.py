@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import secrets
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,13 +31,22 @@ from pets_widgets.coordinator.config import (
     read_population,
     sites_of,
 )
+from pets_widgets.coordinator.enclaves import (
+    EnclaveProcess,
+    LocalEnclave,
+    Receipt,
+    ServiceEnclave,
+)
 from pets_widgets.coordinator.service import ServiceSite, SiteProcess, close_sites, start_sites
 from pets_widgets.core import schema as S
 from pets_widgets.core.analyst import resolve_analyst
 from pets_widgets.core.budget import Budget
+from pets_widgets.core.enclave_config import write_enclave_config
 from pets_widgets.core.errors import (
     AttestationError,
+    ConfigError,
     DataValidationError,
+    EnclaveError,
     IntegrityError,
     PetsError,
     QueryValidationError,
@@ -43,6 +55,7 @@ from pets_widgets.core.errors import (
     SiteIntegrityError,
     SiteRefusal,
 )
+from pets_widgets.core.evidence import ISSUER
 from pets_widgets.core.packing import capacity_for
 from pets_widgets.core.paillier import DEFAULT_KEY_BITS, PublicKey, add_encrypted, foreground
 from pets_widgets.core.policy import Policy
@@ -51,9 +64,9 @@ from pets_widgets.core.release import Release
 from pets_widgets.core.signing import VerifyKey
 from pets_widgets.core.wire import AggregateRequest, EncryptedAggregate
 from pets_widgets.enclave import ledger as audit
-from pets_widgets.enclave.enclave import Admission, Enclave
+from pets_widgets.enclave.enclave import Enclave
 from pets_widgets.platform.measurement import expected_image_digest
-from pets_widgets.platform.verifier import PlatformVerifier
+from pets_widgets.platform.verifier import JWKS_FILE, PlatformVerifier
 from pets_widgets.site import synthetic
 from pets_widgets.site.config import (
     SiteConfiguration,
@@ -146,26 +159,76 @@ def as_site_error(site: str, exc: BaseException) -> SiteError:
     return SiteError(site, f"{type(exc).__name__}: {exc}")
 
 
-class Federation:
-    """Sites, an enclave and the coordinator between them. ``run(spec)`` releases a result."""
+class Challenges:
+    """Each site's current nonce, asked (in parallel) only when the enclave needs them, and
+    handed back to the sites' caches when the enclave answered without asking the sites (a
+    stored release): a nonce is never wasted, nor used twice."""
 
-    def __init__(self, sites: Sequence[SiteBackend], enclave: Enclave):
+    def __init__(self, sites: Sequence[SiteBackend], report: Progress):
+        self._sites, self._report = sites, report
+        self._given: dict[str, str] = {}
+
+    def __call__(self) -> dict[str, str]:
+        n = len(self._sites)
+
+        def one(i_site: tuple[int, SiteBackend]) -> tuple[str, str]:
+            i, site = i_site
+            self._report("attest", site.name, 0.8 * i / n)
+            try:
+                return site.name, site.challenge()
+            except Exception as exc:
+                raise as_site_error(site.name, exc) from exc
+
+        if n > 1 and any(getattr(s, "parallel", False) for s in self._sites):
+            with ThreadPoolExecutor(max_workers=n) as pool:
+                self._given = dict(pool.map(one, enumerate(self._sites)))
+        else:
+            self._given = dict(one(pair) for pair in enumerate(self._sites))
+        return dict(self._given)
+
+    def give_back(self) -> None:
+        for site in self._sites:
+            nonce = self._given.get(site.name)
+            if nonce is not None and hasattr(site, "give_back"):
+                site.give_back(nonce)
+
+
+class Federation:
+    """Sites, an enclave and the coordinator between them. ``run(spec)`` releases a result.
+
+    ``enclave`` is an :class:`~pets_widgets.enclave.enclave.Enclave` object (the in-process
+    simulation: the analyst's process then holds the enclave too, so nothing stops it from
+    reading the key or the ledger) or a
+    :class:`~pets_widgets.coordinator.enclaves.ServiceEnclave`: the enclave service, which
+    holds the key, the policy and the ledger in its own process and charges the analyst its
+    token belongs to.
+    """
+
+    def __init__(self, sites: Sequence[SiteBackend], enclave: Enclave | ServiceEnclave):
         names = tuple(s.name for s in sites)
         if names != enclave.schema.sites:
             raise ValueError(f"sites {names} do not match the enclave's {enclave.schema.sites}")
         self._sites = tuple(sites)
         self.enclave = enclave
         self.schema = enclave.schema
-        for site in self._sites:
-            enclave.register_site(site.name, site.verify_key)
-        population = self.population()
-        if not population.empty:  # public denominators only: no patient data moves
-            enclave.register_population(population)
+        self._port: LocalEnclave | ServiceEnclave
+        if isinstance(enclave, Enclave):
+            self._port = LocalEnclave(enclave)
+            for site in self._sites:
+                enclave.register_site(site.name, site.verify_key)
+            population = self.population()
+            if not population.empty:  # public denominators only: no patient data moves
+                enclave.register_population(population)
+        else:
+            self._port = enclave  # it holds the sites' keys and denominators itself
 
     def __repr__(self) -> str:
         backends = {s.backend for s in self._sites}
+        where = ("enclave service at " + self.enclave.url if isinstance(self.enclave,
+                                                                        ServiceEnclave)
+                 else "in-process enclave: a one-process simulation")
         return (f"Federation(sites={list(self.site_names)}, backend={'/'.join(sorted(backends))},"
-                f" key_bits={self.enclave.key_bits})")
+                f" key_bits={self.enclave.key_bits}, {where})")
 
     @property
     def site_names(self) -> tuple[str, ...]:
@@ -176,13 +239,47 @@ class Federation:
         return self.enclave.policy
 
     @property
+    def is_service(self) -> bool:
+        """Whether the enclave is a service (its own process), not an object in this one."""
+        return isinstance(self.enclave, ServiceEnclave)
+
+    @property
     def ledger(self) -> audit.Ledger:
+        """The in-process enclave's ledger. An enclave service keeps its ledger to itself:
+        there this raises AttributeError (use :meth:`budget` and :meth:`audit_log`)."""
+        if isinstance(self.enclave, ServiceEnclave):
+            raise AttributeError("the ledger is inside the enclave service; this process "
+                                 "sees its own budget (fed.budget()) and audit rows "
+                                 "(fed.audit_log()) only")
         return self.enclave.ledger
+
+    @property
+    def analyst(self) -> str:
+        """Who this process's queries are charged to: the owner of the analyst token (an
+        enclave service), else the default analyst of the simulation."""
+        if isinstance(self.enclave, ServiceEnclave):
+            return self.enclave.analyst
+        return resolve_analyst(None)
+
+    def _analyst(self, analyst: str | None) -> str:
+        """The analyst to charge: an enclave service charges its token's owner, and refuses
+        any other name; the simulation plays whoever is named."""
+        if isinstance(self.enclave, ServiceEnclave):
+            owner = self.enclave.analyst
+            if analyst is not None and analyst != owner:
+                raise QueryValidationError(
+                    "analyst", f"the enclave service charges the owner of this process's "
+                    f"analyst token ({owner!r}); no other name can be given", [owner])
+            return owner
+        return resolve_analyst(analyst)
 
     # -- running queries ----------------------------------------------------------------------
     def run(self, spec: QuerySpec, epsilon: float = 1.0, k: int | None = None,
             analyst: str | None = None, progress: Progress | None = None) -> Release:
         """Release ``spec`` over all sites: noised at ``epsilon``, cells below ``k`` hidden.
+
+        ``analyst`` plays another analyst in the in-process simulation; an enclave service
+        charges the owner of the analyst token and refuses another name.
 
         Raises :class:`QueryValidationError` for bad input, :class:`QueryRefused` (or its
         :class:`BudgetExceeded`) when the enclave's policy says no, and :class:`SiteError`
@@ -195,19 +292,24 @@ class Federation:
     def _run(self, spec: QuerySpec, epsilon: float, k: int | None, analyst: str | None,
              progress: Progress | None) -> Release:
         report = progress or (lambda stage, site, frac: None)
-        analyst = resolve_analyst(analyst)
-        admitted = self.enclave.admit(spec, epsilon, self.policy.k if k is None else k, analyst,
-                                      self.site_names)
+        who = self._analyst(analyst)
+        nonces = self._challenges(report)
+        admitted = self._port.admit(spec, epsilon, self.policy.k if k is None else k, who,
+                                    self.site_names, nonces)
         if isinstance(admitted, Release):
+            nonces.give_back()
             report("release", None, 1.0)
             return admitted.ordered(spec.order)
         aggregates, summed = self._gather(admitted, report)
         report("release", None, 0.95)
-        release = self.enclave.release(admitted, aggregates, summed)
+        release = self._port.release(admitted, aggregates, summed)
         report("release", None, 1.0)
         return release.ordered(spec.order)  # the table in the order the user wrote
 
-    def _gather(self, admission: Admission,
+    def _challenges(self, report: Progress) -> Challenges:
+        return Challenges(self._sites, report)
+
+    def _gather(self, receipt: Receipt,
                 report: Progress) -> tuple[list[EncryptedAggregate], list[int]]:
         """Collect every site's encrypted aggregate and sum them, or fail naming the site."""
         n = len(self._sites)
@@ -215,11 +317,8 @@ class Federation:
         def one(i_site: tuple[int, SiteBackend]) -> EncryptedAggregate:
             i, site = i_site
             try:
-                report("attest", site.name, 0.8 * i / n)
-                nonce = site.challenge()
-                quote = self.enclave.issue_nonce(admission, site.name, nonce)
-                request = AggregateRequest(admission.spec, quote, self.enclave.public_key,
-                                           admission.packing)
+                request = AggregateRequest(receipt.spec, receipt.tokens[site.name],
+                                           receipt.public_key, receipt.packing)
                 report("compute", site.name, 0.8 * (i + 0.5) / n)
                 aggregate = site.respond(request)
             except Exception as exc:
@@ -236,25 +335,28 @@ class Federation:
             else:
                 aggregates = [one(pair) for pair in enumerate(self._sites)]
         except SiteError as exc:
-            self.enclave.abort(admission, audit.FAILED,
-                               f"site.{exc.rule}" if exc.rule else "site", str(exc))
+            self._port.abort(receipt, f"site.{exc.rule}" if exc.rule else "site", str(exc))
             raise
         report("aggregate", None, 0.85)
         try:
-            summed = aggregate(self.enclave.public_key, aggregates)
+            summed = aggregate(receipt.public_key, aggregates)
         except IntegrityError as exc:
-            self.enclave.abort(admission, audit.FAILED, "integrity", str(exc))
+            self._port.abort(receipt, "integrity", str(exc))
             raise
         return aggregates, summed
 
     # -- what the dashboard shows ---------------------------------------------------------------
     def budget(self, analyst: str | None = None) -> Budget:
-        """Epsilon spent and left for ``analyst`` (default: the current analyst) and overall."""
-        return self.enclave.budget(resolve_analyst(analyst))
+        """Epsilon spent and left for ``analyst`` (default: the current analyst; an enclave
+        service answers for its token's owner only) and overall."""
+        return self._port.budget(self._analyst(analyst))
 
     def audit_log(self, analyst: str | None = None) -> pd.DataFrame:
-        """The ledger's audit rows (one analyst's when given) as a DataFrame."""
-        rows = self.ledger.audit_rows(analyst)
+        """The ledger's audit rows (one analyst's when given) as a DataFrame; an enclave
+        service shows the token owner's own rows only."""
+        if isinstance(self.enclave, ServiceEnclave):
+            analyst = self._analyst(analyst)
+        rows = self._port.audit_rows(analyst)
         columns = ["id", "time", "analyst", "spec_hash", "spec_json", "sites", "epsilon_asked",
                    "epsilon_spent", "outcome", "rule", "reason"]
         return pd.DataFrame(rows, columns=columns)
@@ -280,6 +382,8 @@ class Federation:
         nothing). They are also stopped at interpreter exit, and by themselves when this
         process is gone; closing twice is harmless."""
         close_sites(self._sites)
+        if isinstance(self.enclave, ServiceEnclave):
+            self.enclave.close()
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str], *,
@@ -349,17 +453,26 @@ def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | o
     schema = S.Schema(config.site_names)
     if ledger is None:
         ledger = config.ledger
-    if not isinstance(ledger, audit.Ledger):
-        ledger = audit.Ledger(Path(ledger) if ledger is not None else temporary_ledger())
-    verifier = (PlatformVerifier.open(config.verifier) if config.verifier is not None
-                else PlatformVerifier())
-    launched = verifier.launch(policy, schema.digest, debug=debug)
-    enclave = Enclave(schema, ledger, policy, bits, capacity, issuer=launched)
-    generated = SiteDefaults(verifier.jwks(), verifier.issuer,
-                             expected_image_digest(policy, schema.digest), debug,
-                             floors or Floors(), capacity, schema.sites)
     backends: list[Any] = []
     remote: list[Any] = []
+    enclave: Enclave | ServiceEnclave
+    if config.enclave.backend == "service":
+        if isinstance(ledger, audit.Ledger):
+            raise ConfigError("ledger: an enclave service opens its ledger itself; give its "
+                              "path, not a Ledger object")
+        enclave, jwks = _enclave_service(config, ledger, policy, bits, capacity, debug)
+        remote.append(enclave)
+        issuer = ISSUER
+    else:
+        if not isinstance(ledger, audit.Ledger):
+            ledger = audit.Ledger(Path(ledger) if ledger is not None else temporary_ledger())
+        verifier = (PlatformVerifier.open(config.verifier) if config.verifier is not None
+                    else PlatformVerifier())
+        launched = verifier.launch(policy, schema.digest, debug=debug)
+        enclave = Enclave(schema, ledger, policy, bits, capacity, issuer=launched)
+        jwks, issuer = verifier.jwks(), verifier.issuer
+    generated = SiteDefaults(jwks, issuer, expected_image_digest(policy, schema.digest, debug),
+                             debug, floors or Floors(), capacity, schema.sites, config.path)
     try:
         for sc in config.sites:
             population = (read_population(sc.population, sc.name)
@@ -392,6 +505,91 @@ def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | o
         raise
 
 
+#: Folders made for the sites of a run whose enclave is a service started here: each site's
+#: signing key is made first, so the enclave's configuration can pin its verify key.
+_SITE_FOLDERS: dict[tuple[str, str], Path] = {}
+
+
+def _site_folder(entry: SiteConfig) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="pets-site-config-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
+def _verify_key(entry: SiteConfig, folder: Path | None) -> str:
+    """The hex verify key of a site of this run, as its operator publishes it."""
+    if entry.url is not None:
+        if entry.verify_key is None:
+            raise SiteError(entry.name, "needs verify_key in the federation file")
+        return entry.verify_key
+    if entry.config is not None:
+        path = load_site_config(entry.config).signing_key
+    else:
+        assert folder is not None
+        path = folder / (entry.key_file or "signing-key.pem")
+    return load_signing_key(path).public.to_bytes().hex()
+
+
+def _enclave_service(config: FederationConfig, ledger: str | os.PathLike[str] | None,
+                     policy: Policy, bits: int, capacity: int,
+                     debug: bool) -> tuple[ServiceEnclave, dict[str, Any]]:
+    """The federation's enclave service and the verifier JWKS its sites pin: reached at
+    ``[enclave] url``, or started here as its operators would (the embedded default).
+
+    Started here: an ``enclave.toml`` is written in a fresh state folder (the sites' verify
+    keys, ``policy``, the ledger, the key size, the public denominators), an analyst token
+    is issued for this process's user with ``enclave add-analyst`` (a separate process: this
+    one never opens the ledger), and ``enclave serve`` starts the platform verifier, which
+    measures and launches the enclave. This process keeps only the token and the URL.
+    """
+    settings = config.enclave
+    schema = S.Schema(config.site_names)
+    if settings.url is not None:
+        client = ServiceEnclave(settings.url, token_env=settings.token_env,
+                                ca_file=settings.ca_file, client_cert=settings.client_cert,
+                                client_key=settings.client_key, timeout=settings.timeout,
+                                start_timeout=settings.start_timeout)
+        if config.verifier is None:
+            return client, {"keys": []}  # no site is generated here (each has its own)
+        return client, json.loads((Path(config.verifier) / JWKS_FILE).read_text("utf-8"))
+    state = Path(tempfile.mkdtemp(prefix="pets-enclave-"))
+    atexit.register(shutil.rmtree, state, True)
+    keys, frames = {}, []
+    for sc in config.sites:
+        folder = None
+        if sc.url is None and sc.config is None:
+            folder = _SITE_FOLDERS[(config.path, sc.name)] = _site_folder(sc)
+        keys[sc.name] = _verify_key(sc, folder)
+        population = (read_population(sc.population, sc.name) if sc.population is not None
+                      else sc.source.population(sc.name) if sc.source is not None else None)
+        if population is not None:
+            frames.append(population)
+    if frames:
+        pd.concat(frames, ignore_index=True).to_csv(state / "population.csv", index=False)
+    path = write_enclave_config(
+        state, sites=schema.sites, site_keys=keys, policy=policy, key_bits=bits,
+        site_capacity=capacity, population="population.csv" if frames else None, debug=debug,
+        ledger=str(Path(ledger).resolve()) if ledger is not None else "ledger.sqlite",
+        verifier=str(Path(config.verifier).resolve()) if config.verifier else "verifier")
+    # The operator's act, in its own process and at the same time as the launch.
+    issuing = subprocess.Popen(
+        [sys.executable, "-m", "pets_widgets", "enclave", "add-analyst", resolve_analyst(None),
+         "--config", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL, text=True)
+    process = EnclaveProcess(path, debug=debug, log=state / "enclave.log")
+    jwks_path = process.jwks(settings.start_timeout)
+    out, err = issuing.communicate()
+    if jwks_path is None or issuing.returncode != 0:
+        process.stop()
+        if issuing.returncode != 0:
+            raise EnclaveError(f"no analyst token could be issued ({err.strip()[-300:]})",
+                               rule="token")
+        raise EnclaveError(f"it stopped while starting ({process.describe()})", rule="start")
+    client = ServiceEnclave("", token=out.strip(), timeout=settings.timeout,
+                            start_timeout=settings.start_timeout, process=process)
+    return client, json.loads(jwks_path.read_text("utf-8"))
+
+
 def _check_member(site: SiteConfiguration, name: str, sites: tuple[str, ...],
                   capacity: int) -> None:
     """A registry's own configuration must be the site the federation lists, in the same
@@ -420,12 +618,13 @@ class SiteDefaults:
     floors: Floors
     capacity: int
     sites: tuple[str, ...]
+    #: The federation file of the run (its sites' folders may be made before this).
+    run: str = "<memory>"
 
     def write(self, entry: SiteConfig) -> Path:
         """A fresh folder (removed at interpreter exit) with the site's ``site.toml``."""
         assert entry.source is not None
-        folder = Path(tempfile.mkdtemp(prefix="pets-site-config-"))
-        atexit.register(shutil.rmtree, folder, True)
+        folder = _SITE_FOLDERS.pop((self.run, entry.name), None) or _site_folder(entry)
         return write_site_config(
             folder, entry.name, entry.source.to_dict(), sites=self.sites,
             capacity=self.capacity, verifier_jwks=self.jwks, issuer=self.issuer,
@@ -460,8 +659,13 @@ def demo_federation(seed: int = 7, n_sites: int = 2, rows_per_site: int | None =
                     ledger: str | os.PathLike[str] | None = None, backend: str = "local",
                     site_capacity: int | None = None, debug: bool = False,
                     allow_site_breakdown: bool = False,
-                    floors: Floors | None = None) -> Federation:
+                    floors: Floors | None = None, enclave: str | None = None) -> Federation:
     """A federation of synthetic registries: NDRS and NCI by default, seeded and realistic.
+
+    ``enclave`` is ``"service"`` (the default with ``backend="service"``: the platform
+    verifier launches the enclave service in its own process, which holds the key, the
+    policy and the ledger; this process gets an analyst token for its user) or ``"local"``
+    (the default otherwise: an enclave object in this process, a simulation).
 
     ``backend="local"`` keeps the sites in this process; ``backend="service"`` starts each
     site as its own site service on 127.0.0.1 (``site serve``, in parallel; ``"kernel"`` is
@@ -491,7 +695,11 @@ def demo_federation(seed: int = 7, n_sites: int = 2, rows_per_site: int | None =
             rows_per_site or p.cases_per_year * synthetic.N_YEARS for p in profiles))
     sources = [SyntheticSource(seed, rows_per_site, p.cases_per_year, p.loss_to_follow_up)
                for p in profiles]
-    config = sites_of([p.name for p in profiles], sources, backend)
+    enclave = enclave or ("service" if backend == "service" else "local")
+    if enclave not in ("local", "service"):
+        raise QueryValidationError("enclave", f"{enclave!r} is not an enclave backend",
+                                   ["local", "service"])
+    config = sites_of([p.name for p in profiles], sources, backend, enclave=enclave)
     return build_federation(config, ledger=ledger, policy=policy, key_bits=key_bits,
                             site_capacity=site_capacity, debug=debug,
                             floors=floors or Floors(allow_site_breakdown=allow_site_breakdown))

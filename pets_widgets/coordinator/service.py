@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import os
 import re
 import signal
@@ -26,11 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import requests
-import urllib3
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
+from pets_widgets.coordinator.http import HttpFailure, request_json, session
 from pets_widgets.core.errors import (
     IntegrityError,
     SiteAttestationError,
@@ -43,8 +39,6 @@ from pets_widgets.core.wire import AggregateRequest, EncryptedAggregate
 #: Seconds a site may take to answer one query, and to come up, by default.
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_START_TIMEOUT = 180.0
-#: Seconds to open a connection to a site (a reply may take up to the site's timeout).
-CONNECT_SECONDS = 10.0
 #: The largest reply read from a site (an aggregate of a 20,000-cell query is far below).
 MAX_REPLY = 32 * 2**20
 #: A cached nonce is used only while it has at least this many seconds left.
@@ -87,20 +81,12 @@ class ServiceSite:
         self._pinned = verify_key
         self._verify_key: VerifyKey | None = None
         self._process = process
-        self._session = requests.Session()
-        # Retry only a connection that was refused or dropped before the request was sent
-        # (nothing reached the site); a slow reply is the site's answer, never asked twice.
-        retry = Retry(total=2, connect=2, read=False, status=0, other=0, redirect=0,
-                      backoff_factor=0.05, raise_on_status=False)
-        self._session.mount("http://", HTTPAdapter(max_retries=retry))
-        self._session.mount("https://", HTTPAdapter(max_retries=retry))
-        self._session.headers["Authorization"] = f"token {token}"
+        self._session = session(f"token {token}", client_cert, client_key)
         # Passed with every request: a Session's own verify loses to $REQUESTS_CA_BUNDLE.
         self._verify: str | bool = ca_file if ca_file is not None else True
-        if client_cert is not None:
-            self._session.cert = (client_cert, client_key) if client_key else client_cert
         self._lock = threading.Lock()
         self._nonce: tuple[str, float] | None = None
+        self._handed: tuple[str, float] | None = None  # the nonce challenge() last gave
         self.state, self.cause = "new", ""
         self.rows_rounded: int | None = None
 
@@ -165,9 +151,20 @@ class ServiceSite:
         """The site's next nonce: the one its last reply carried, else a fresh ``/status``."""
         with self._lock:
             cached, self._nonce = self._nonce, None
-        if cached is not None and cached[1] > time.time() + NONCE_MARGIN:
-            return cached[0]
-        return str(self._status()["nonce"])
+        if cached is None or cached[1] <= time.time() + NONCE_MARGIN:
+            info = self._status()
+            cached = (str(info["nonce"]), float(info.get("nonce_expires", 0) or 0))
+        with self._lock:
+            self._handed = cached
+        return cached[0]
+
+    def give_back(self, nonce: str) -> None:
+        """A nonce :meth:`challenge` handed out that no request used (the enclave answered
+        from a stored release): cached again for the next query."""
+        with self._lock:
+            if self._handed is not None and self._handed[0] == nonce and self._nonce is None:
+                self._nonce = self._handed
+            self._handed = None
 
     def respond(self, request: AggregateRequest) -> EncryptedAggregate:
         reply = self._call("POST", "/aggregate", request.to_body(), self.timeout, "aggregate")
@@ -212,50 +209,19 @@ class ServiceSite:
     def _call(self, method: str, route: str, body: Mapping[str, Any] | None, timeout: float,
               op: str) -> dict[str, Any]:
         """One request; every failure is a :class:`SiteError` naming this site and why."""
-        late = SiteError(self.name, f"did not answer {op} within {timeout:g} s", rule="timeout")
-        deadline = time.monotonic() + timeout
         try:
-            response = self._session.request(method, self.url + route, json=body,
-                                             timeout=(CONNECT_SECONDS, timeout),
-                                             verify=self._verify, stream=True)
-            # The read timeout is per read: a site dripping bytes is held to the whole
-            # request's deadline and a size cap here.
-            chunks, size = [], 0
-            with response:
-                # read1 returns what has arrived (urllib3 2): a dripping site cannot make one
-                # read wait for a full chunk.
-                while chunk := response.raw.read1(2**16, decode_content=True):
-                    size += len(chunk)
-                    if size > MAX_REPLY:
-                        raise SiteIntegrityError(self.name, f"its reply to {op} is larger "
-                                                 f"than {MAX_REPLY:,} bytes")
-                    if time.monotonic() > deadline:
-                        raise late
-                    chunks.append(chunk)
-        except (requests.Timeout, urllib3.exceptions.ReadTimeoutError):
-            # (read1 reads the raw stream: its timeouts and breaks are urllib3's own)
-            raise late from None
-        except requests.exceptions.SSLError:
-            raise SiteError(self.name, "refused the TLS connection (certificate)",
-                            rule="tls") from None
-        except requests.ConnectionError:
-            raise SiteError(self.name, f"cannot be reached at {self.url}",
-                            rule="unreachable") from None
-        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
-            raise SiteIntegrityError(self.name, f"its reply to {op} is broken "
-                                     f"({type(exc).__name__})") from None
-        if response.status_code == 401:
+            status, payload = request_json(self._session, method, self.url + route, body,
+                                           timeout=timeout, verify=self._verify,
+                                           max_reply=MAX_REPLY, op=op)
+        except HttpFailure as exc:
+            if exc.rule in ("timeout", "tls", "unreachable"):
+                raise SiteError(self.name, str(exc), rule=exc.rule) from None
+            raise SiteIntegrityError(self.name, str(exc)) from None
+        if status == 401:
             raise SiteError(self.name, "refused this coordinator's token", rule="token")
-        try:
-            payload = json.loads(b"".join(chunks))
-        except ValueError:
-            payload = None
-        if not isinstance(payload, dict):
-            raise SiteIntegrityError(self.name, f"its reply to {op} is not JSON "
-                                     f"(HTTP {response.status_code})")
-        if response.status_code == 200:
+        if status == 200:
             return payload
-        raise _site_error(self.name, response.status_code, payload)
+        raise _site_error(self.name, status, payload)
 
 
 def _site_error(site: str, status: int, payload: Mapping[str, Any]) -> SiteError:
@@ -315,56 +281,76 @@ def close_sites(sites: Sequence[Any]) -> None:
 
 
 # --------------------------------------------------------------------------- local services
-_LIVE: set[SiteProcess] = set()
+_LIVE: set[ServiceProcess] = set()
 
 
-class SiteProcess:
-    """A ``site serve`` process this coordinator started (the embedded default only).
+class ServiceProcess:
+    """A service process this coordinator started (the embedded default only): ``args`` of
+    ``python -m pets_widgets``, with ``env`` added to this process's environment.
 
-    ``port`` 0 lets the service take any free port and announce it on its standard output
-    (no race between choosing a port here and binding it there); :meth:`url` waits for that
-    announcement. Its log (the gateway's) goes to ``log``.
+    A service started on port 0 takes any free port and announces its URL on its standard
+    output (no race between choosing a port here and binding it there); :meth:`url` waits
+    for that announcement, :meth:`line` for any other. Its log (the gateway's) goes to
+    ``log``.
     """
 
-    def __init__(self, config: Path, port: int, token: str, token_env: str,
-                 log: Path | None = None):
-        env = {**os.environ, token_env: token, "PETS_PARENT_PID": str(os.getpid())}
-        self.config, self.port, self.token, self.token_env = config, port, token, token_env
+    def __init__(self, args: Sequence[str], env: Mapping[str, str], log: Path | None = None,
+                 port: int = 0):
+        env = {**os.environ, **env, "PETS_PARENT_PID": str(os.getpid())}
         self.log = log
-        self._announced = threading.Event()
+        self.port = port
+        self._lines: list[str] = []
+        self._changed = threading.Condition()
+        self._ended = False
         self._url: str | None = None
         err = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "pets_widgets", "site", "serve", "--config",
-                 str(config), "--port", str(port)],
-                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                [sys.executable, "-m", "pets_widgets", *args], env=env,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
                 start_new_session=True)
         finally:
             if log is not None:
                 err.close()  # type: ignore[union-attr]
-        threading.Thread(target=self._read_announcement, daemon=True,
-                         name="pets-site-serve").start()
+        threading.Thread(target=self._read_announcements, daemon=True,
+                         name="pets-serve").start()
         _LIVE.add(self)
 
-    def _read_announcement(self) -> None:
+    def _read_announcements(self) -> None:
         assert self._proc.stdout is not None
         for raw in self._proc.stdout:
             line = raw.decode("utf-8", "replace")
             if self.log is not None:
                 with open(self.log, "a", encoding="utf-8") as fh:
                     fh.write(line)
-            found = re.search(r"serving at (\S+) ", line)
-            if found and self._url is None:
-                self._url = found.group(1).rstrip("/")
-                self.port = int(self._url.rsplit(":", 1)[1])
-                self._announced.set()
-        self._announced.set()  # the process ended
+            found = re.search(r"serving at (\S+)", line)
+            with self._changed:
+                self._lines.append(line)
+                if found and self._url is None:
+                    self._url = found.group(1).rstrip("/")
+                    self.port = int(self._url.rsplit(":", 1)[1])
+                self._changed.notify_all()
+        with self._changed:
+            self._ended = True  # the process ended
+            self._changed.notify_all()
+
+    def line(self, pattern: str, timeout: float) -> re.Match[str] | None:
+        """The first announcement matching ``pattern``, or None if the process stopped or
+        took longer than ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self._lines:
+                    if (found := re.search(pattern, line)) is not None:
+                        return found
+                left = deadline - time.monotonic()
+                if self._ended or left <= 0:
+                    return None
+                self._changed.wait(left)
 
     def url(self, timeout: float) -> str | None:
         """The service's URL once it serves, or None if it stopped or took too long."""
-        self._announced.wait(timeout)
-        return self._url
+        return None if self.line(r"serving at (\S+)", timeout) is None else self._url
 
     @property
     def pid(self) -> int:
@@ -389,6 +375,17 @@ class SiteProcess:
             os.killpg(self._proc.pid, signal.SIGKILL)  # a kernel left behind, if any
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(5.0)
+
+
+class SiteProcess(ServiceProcess):
+    """A ``site serve`` process this coordinator started, with its token in the environment
+    variable its configuration names."""
+
+    def __init__(self, config: Path, port: int, token: str, token_env: str,
+                 log: Path | None = None):
+        self.config, self.token, self.token_env = config, token, token_env
+        super().__init__(["site", "serve", "--config", str(config), "--port", str(port)],
+                         {token_env: token}, log, port)
 
 
 @atexit.register

@@ -93,6 +93,16 @@ class SiteIntegrityError(SiteError, IntegrityError):
     """A site's reply was malformed, tampered with, or for another query or key."""
 
 
+class EnclaveError(PetsError):
+    """The enclave service could not be reached, refused this analyst's token, or answered
+    out of protocol; ``rule`` says which (``unreachable``, ``timeout``, ``token``...)."""
+
+    def __init__(self, cause: str, rule: str = ""):
+        super().__init__(f"the enclave service failed: {cause}")
+        self.cause = cause
+        self.rule = rule
+
+
 @dataclass(frozen=True)
 class DataProblem:
     """One problem in a registry file: the column, the 1-based data rows, and what is wrong.

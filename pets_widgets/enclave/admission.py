@@ -13,6 +13,7 @@ import math
 import numbers
 import secrets
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -132,6 +133,16 @@ class OpenAdmissions:
                 raise IntegrityError("a challenge can be answered once only")
             nonces[site] = nonce
             self._used.add(nonce)
+
+    def get(self, admission_id: object) -> Admission:
+        """The enclave's own copy of the open admission ``admission_id`` (a service's client
+        sends the id only)."""
+        with self._lock:
+            trusted = self._open.get(admission_id) if isinstance(admission_id, str) else None
+        if trusted is None:
+            raise IntegrityError("this query is not open in the enclave (already released, "
+                                 "aborted, or never admitted)")
+        return trusted
 
     def take(self, admission: Admission) -> tuple[Admission, dict[str, str]]:
         """The enclave's own copy of an open admission and its nonces, closed for good."""
@@ -281,24 +292,31 @@ class InFlight:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._events: dict[str, threading.Event] = {}
+        self._events: dict[str, tuple[threading.Event, float]] = {}
         self._owners: dict[str, str] = {}  # admission id -> the key it answers
 
     def claim(self, key: str, admission_id: str) -> threading.Event | None:
         """None when this admission answers ``key`` (release it with :meth:`done`), else
-        the event that is set once the admission answering it is done."""
+        the event that is set once the admission answering it is done. A claim older than
+        :attr:`WAIT` passes to the asker (its admission was abandoned, or is slow: answered
+        twice, the question is still stored, and charged, once)."""
         with self._lock:
-            event = self._events.get(key)
-            if event is None:
-                self._events[key] = threading.Event()
-                self._owners[admission_id] = key
-            return event
+            held = self._events.get(key)
+            if held is not None and time.monotonic() - held[1] < self.WAIT:
+                return held[0]
+            if held is not None:  # stale: whoever waits on it is woken, the asker answers
+                held[0].set()
+                for owner in [o for o, k in self._owners.items() if k == key]:
+                    del self._owners[owner]
+            self._events[key] = (threading.Event(), time.monotonic())
+            self._owners[admission_id] = key
+            return None
 
     def done(self, admission_id: str) -> None:
         """The admission ended (released, refused, failed): wake whoever waits on its key."""
         with self._lock:
             key = self._owners.pop(admission_id, None)
-            event = self._events.pop(key, None) if key is not None else None
-        if event is not None:
-            event.set()
+            held = self._events.pop(key, None) if key is not None else None
+        if held is not None:
+            held[0].set()
 

@@ -8,6 +8,8 @@ enclave's Paillier key and to the admitted query, so it answers one request only
 
 from __future__ import annotations
 
+from typing import Any
+
 from pets_widgets.core.errors import AttestationError
 from pets_widgets.core.evidence import AdmissionClaims, TokenIssuer
 from pets_widgets.core.policy import Policy
@@ -45,3 +47,40 @@ class AttestationClient:
                                    "it has no attestation evidence", rule="trust.unlaunched")
         return self._issuer.token(audience=site, nonce=nonce, public_key_n=public_key_n,
                                   admission=admission_claims(admission), policy=policy)
+
+
+class VerifierClient:
+    """The token service of the platform verifier that launched this enclave process (see
+    :mod:`pets_widgets.platform.launch`), as a :class:`TokenIssuer`: the signing key stays
+    in the verifier's process; this holds its loopback URL and the launch secret only."""
+
+    def __init__(self, url: str, secret: str):
+        import requests
+
+        self._url = url.rstrip("/")
+        self._session = requests.Session()
+        self._session.headers["Authorization"] = f"secret {secret}"
+        launched = self._call("GET", "/launch", None)
+        self.image_digest = str(launched["image_digest"])
+        self.debug = bool(launched["debug"])
+
+    def _call(self, method: str, route: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        import requests
+
+        try:
+            reply = self._session.request(method, self._url + route, json=body, timeout=10)
+        except requests.RequestException as exc:
+            raise AttestationError(f"the platform verifier cannot be reached "
+                                   f"({type(exc).__name__})", rule="trust.verifier") from None
+        if reply.status_code != 200:
+            raise AttestationError(f"the platform verifier refused (HTTP {reply.status_code})",
+                                   rule="trust.verifier")
+        data = reply.json()
+        assert isinstance(data, dict)
+        return data
+
+    def token(self, *, audience: str, nonce: str, public_key_n: int,
+              admission: AdmissionClaims, policy: Policy) -> str:
+        return str(self._call("POST", "/token", {
+            "audience": audience, "nonce": nonce, "public_key_n": format(public_key_n, "x"),
+            "admission": admission.to_dict(), "policy": policy.to_dict()})["token"])

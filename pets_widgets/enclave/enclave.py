@@ -45,6 +45,7 @@ from pets_widgets.enclave.attestation import AttestationClient
 from pets_widgets.enclave.decryption import Decryptor
 from pets_widgets.enclave.ledger import QueryRecord
 from pets_widgets.enclave.pipeline import incidence
+from pets_widgets.enclave.pipeline.release import EXACT_MECHANISM, build_release, exact_blocks
 from pets_widgets.enclave.releaser import Releaser
 
 __all__ = ["Admission", "Enclave", "check_epsilon", "check_k"]
@@ -71,6 +72,7 @@ class Enclave:
         self._gate = Gatekeeper(schema, ledger, policy or Policy(), self._public)
         self._open = OpenAdmissions()
         self._inflight = InFlight()
+        self._exact: set[str] = set()  # admissions opened through the exact door
         self._releaser = Releaser(schema, self._gate, self._decryptor)
         bound = ledger.meta("policy_digest")
         if bound is not None and bound != self.policy.hash:
@@ -127,12 +129,15 @@ class Enclave:
 
     # -- phase 1: admission -----------------------------------------------------------------
     def admit(self, spec: QuerySpec, epsilon: object, k: object, analyst: str,
-              sites: Sequence[str]) -> Admission | Release:
+              sites: Sequence[str], *, wait: bool = True) -> Admission | Release | None:
         """Check a query against the policy before any site does any work.
 
         Returns the stored :class:`Release` when this exact question was answered before
         (nothing is spent), or an :class:`Admission` to collect site aggregates for.
-        Refusals raise :class:`QueryRefused` after writing their audit row.
+        Refusals raise :class:`QueryRefused` after writing their audit row. While an
+        identical question is being answered, this one waits for that answer (at most
+        :attr:`InFlight.WAIT` seconds); with ``wait=False`` (a service answering one request
+        at a time cannot wait) it returns None at once: ask again shortly.
         """
         sites = tuple(sites)
         spec, eps, k_int = self._gate.validated(spec, epsilon, k, analyst, sites)
@@ -145,8 +150,11 @@ class Enclave:
             if stored is not None:
                 return self._releaser.repeat(admission, stored)
             waiting = self._inflight.claim(admission.release_key, admission.id)
-            if waiting is None or not waiting.wait(InFlight.WAIT):
-                break  # this admission answers it (or the other never finished)
+            if waiting is None:
+                break  # this admission answers it
+            if not wait:
+                return None
+            waiting.wait(InFlight.WAIT)
         try:
             self._gate.check_budget(query)
             self._open.open(admission)
@@ -168,17 +176,71 @@ class Enclave:
         """What ``analyst`` and the federation have spent and have left."""
         return self._gate.budget(analyst)
 
+    def open_admission(self, admission_id: object) -> Admission:
+        """The enclave's own copy of an open admission, by the id its receipt carries."""
+        return self._open.get(admission_id)
+
     def issue_nonce(self, admission: Admission, site: str, nonce: str) -> str:
         """The attestation token for one site's challenge on an open admission, remembered
         so the site's reply must answer it. No token exists for anything else."""
         self._open.answer(admission, site, nonce)
         return self._attestation.token(admission, site, nonce, self.public_key.n, self.policy)
 
+    def record_failure(self, spec: QuerySpec, epsilon: object, analyst: str,
+                       sites: Sequence[str], rule: str, reason: str) -> None:
+        """Write the audit row of a query that failed at a site before it was admitted (an
+        enclave service is asked with the sites' nonces: a site that cannot give one fails
+        the query first). Nothing was admitted or spent."""
+        spec, eps, _ = self._gate.validated(spec, epsilon, self.policy.k, analyst, tuple(sites))
+        self.ledger.record(QueryRecord(analyst, spec.hash, spec.to_json(), tuple(sites), eps),
+                           audit.FAILED, rule=rule, reason=reason)
+
     def abort(self, admission: Admission, outcome: str, rule: str, reason: str) -> None:
         """Record a query that failed before any budget was reserved (nothing spent)."""
         self._open.close(admission)
+        self._exact.discard(admission.id)
         self._inflight.done(admission.id)
         self.ledger.record(admission.record, outcome, rule=rule, reason=reason)
+
+    # -- the exact door (debug builds only) ---------------------------------------------------
+    def admit_exact(self, spec: QuerySpec, analyst: str, sites: Sequence[str]) -> Admission:
+        """An open admission for exact totals: validated, but no policy, budget or stored
+        release. Only a debug build has this door: its tokens say so and its image digest
+        differs, so sites refuse it unless their configuration allows debug enclaves.
+        For oracle tests (:func:`pets_widgets.testing.noiseless`)."""
+        if not self.debug:
+            raise IntegrityError("exact totals need a debug enclave (enclave serve --debug, or "
+                                 "demo_federation(..., debug=True)); this one is not")
+        spec = spec.validate(self.schema).canonical(self.schema)
+        admission = self._admission(spec, Fraction(1), self.policy.k, analyst, tuple(sites))
+        self._open.open(admission)
+        self._exact.add(admission.id)
+        return admission
+
+    def is_exact(self, admission: Admission) -> bool:
+        """Whether ``admission`` was opened through the exact door."""
+        return admission.id in self._exact
+
+    def release_exact(self, admission: Admission, aggregates: Sequence[EncryptedAggregate],
+                      summed: Sequence[int]) -> Release:
+        """Exact totals of verified aggregates: no noise, no suppression, no budget (an audit
+        row records the test use). Debug builds only."""
+        if not self.debug or admission.id not in self._exact:
+            raise IntegrityError("this admission was not opened through the exact door")
+        self._exact.discard(admission.id)
+        admission, nonces = self._open.take(admission)
+        refusal = self._gate.inputs_refusal(admission.spec.kind)
+        if refusal is not None:
+            raise refusal
+        self._decryptor.verify(admission, nonces, aggregates, summed)
+        totals = self._decryptor.totals(admission, summed)
+        self.ledger.record(admission.record, audit.TEST, rule="test",
+                           reason="exact totals through pets_widgets.testing")
+        return build_release(admission.spec, self.schema, admission.layout,
+                             exact_blocks(totals), admission.epsilon, admission.k, self.policy,
+                             self._gate.public_inputs(admission.spec.kind),
+                             mechanism=EXACT_MECHANISM, sites=admission.sites,
+                             analyst=admission.analyst, suppress=False)
 
     # -- phase 2: verification, decryption, release -------------------------------------------
     def release(self, admission: Admission, aggregates: Sequence[EncryptedAggregate],

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
+import re
+import secrets
 import socket
 import sqlite3
 import sys
@@ -65,6 +68,12 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS analysts (
+    name TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    created TEXT NOT NULL,
+    revoked TEXT
+);
 CREATE INDEX IF NOT EXISTS reservations_analyst ON reservations (analyst, state);
 """
 
@@ -87,8 +96,14 @@ FAILED = "failed"
 TEST = "test-noiseless"
 
 
-#: The account that pays for noisy checks whose answer was a refusal (federation budget only).
-FEDERATION_CHECKS = "(federation checks)"
+#: What an analyst's name may be (it is shown in audit rows and on cards).
+ANALYST_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+
+
+def token_hash(token: str) -> str:
+    """What the ledger keeps of an analyst's token (tokens are 256-bit random: a plain
+    SHA-256 cannot be inverted)."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -383,6 +398,42 @@ class Ledger:
                                    "release; the budget was returned")
                 returned += 1
         return returned
+
+    # -- analysts -----------------------------------------------------------------------------
+    def add_analyst(self, name: str) -> str:
+        """A new token for analyst ``name`` (an operator's act, out of band); only its hash is
+        kept. A name that had a token gets a new one and the old one stops working; a revoked
+        name is enabled again. Budget and audit rows stay with the name."""
+        if not isinstance(name, str) or not ANALYST_NAME.fullmatch(name):
+            raise ValueError("an analyst's name is 1 to 64 letters, digits, '.', '_', '@' "
+                             "or '-'")
+        token = "pa_" + secrets.token_urlsafe(32)
+        with self.transaction() as con:
+            con.execute("INSERT INTO analysts (name, token_hash, created, revoked) "
+                        "VALUES (?, ?, ?, NULL) ON CONFLICT(name) DO UPDATE SET "
+                        "token_hash = excluded.token_hash, created = excluded.created, "
+                        "revoked = NULL", (name, token_hash(token), now()))
+        return token
+
+    def revoke_analyst(self, name: str) -> bool:
+        """Stop ``name``'s token from working; False when there was no such analyst."""
+        with self.transaction() as con:
+            return con.execute("UPDATE analysts SET revoked = ? WHERE name = ? AND revoked IS "
+                               "NULL", (now(), name)).rowcount == 1
+
+    def analyst_for(self, token: str) -> str | None:
+        """The analyst a token belongs to (None: unknown or revoked). The token is hashed
+        first, so looking it up says nothing about other tokens."""
+        with self._connect() as con:
+            row = con.execute("SELECT name FROM analysts WHERE token_hash = ? AND revoked IS "
+                              "NULL", (token_hash(token),)).fetchone()
+        return None if row is None else str(row[0])
+
+    def analyst_accounts(self) -> list[dict[str, Any]]:
+        """Every analyst with a token: name, created, revoked (never a hash)."""
+        with self._connect() as con:
+            rows = con.execute("SELECT name, created, revoked FROM analysts ORDER BY name")
+            return [{"name": n, "created": c, "revoked": r} for n, c, r in rows]
 
     def analysts(self) -> list[str]:
         with self._connect() as con:

@@ -22,7 +22,9 @@ import numpy as np
 from pets_widgets.core import schema as S
 from pets_widgets.core.clock import now
 from pets_widgets.core.errors import BudgetExceeded, IntegrityError, InternalError, QueryRefused
+from pets_widgets.core.query import Crosstab, QuerySpec
 from pets_widgets.core.release import Release
+from pets_widgets.core.release_wire import release_from_dict, release_to_dict
 from pets_widgets.core.wire import EncryptedAggregate
 from pets_widgets.enclave import ledger as audit
 from pets_widgets.enclave.admission import Admission, Gatekeeper, subset_key
@@ -37,6 +39,19 @@ from pets_widgets.enclave.pipeline.release import (
     subset_refusal,
 )
 from pets_widgets.enclave.pipeline.tables import NoisyBlocks
+
+
+def oriented(release: Release, spec: QuerySpec) -> Release:
+    """A stored release as ``spec`` asks for it: the same question with a crosstab's rows
+    and columns the other way round is the stored table transposed (the numbers and the
+    hidden cells are the stored ones; nothing is drawn again)."""
+    stored = release.spec
+    if (isinstance(spec, Crosstab) and isinstance(stored, Crosstab)
+            and (stored.rows, stored.cols) == (spec.cols, spec.rows) and spec.rows != spec.cols):
+        return replace(release, spec=spec, table=release.table.T,
+                       suppressed=release.suppressed.T, lower=release.lower.T,
+                       upper=release.upper.T)
+    return replace(release, spec=spec)
 
 
 @functools.cache
@@ -103,8 +118,10 @@ class Releaser:
             refusal = subset_refusal(spec, admission.layout, noisy, self._gate.policy)
             if refusal is None:
                 release = self.build(admission, noisy)
-                payload = json.dumps({"noisy": {b: v.tolist() for b, v in noisy.values.items()},
-                                      "time": now()})
+                # Only what is released is stored: a hidden cell's noisy value is nowhere in
+                # the ledger (reading the file must not undo suppression).
+                payload = json.dumps({"release": release_to_dict(release), "time": now()},
+                                     allow_nan=False)
                 committed = ledger.commit_release(reservation, query,
                                                   release_key=admission.release_key,
                                                   payload=payload)
@@ -150,10 +167,15 @@ class Releaser:
         if "refused" in data:
             rule, message = data["refused"]
             self._gate.refuse(query, QueryRefused(rule, message))
-        values = {b: np.asarray(v, dtype=np.int64) for b, v in data["noisy"].items()}
-        noisy = noise_params(admission.layout, admission.epsilon, values, spec.where,
-                             self.schema)
-        release = self.build(admission, noisy, repeated=True)
+        if "release" in data:
+            stored_release = oriented(release_from_dict(data["release"]), spec)
+            card = replace(stored_release.card, repeated=True, analyst=admission.analyst)
+            release = replace(stored_release, card=card)
+        else:  # a ledger written before releases were stored as released (noisy blocks)
+            values = {b: np.asarray(v, dtype=np.int64) for b, v in data["noisy"].items()}
+            noisy = noise_params(admission.layout, admission.epsilon, values, spec.where,
+                                 self.schema)
+            release = self.build(admission, noisy, repeated=True)
         self._ledger.record(query, audit.REPEATED,
                             reason="same question at the same epsilon: stored release returned")
         return self.with_budget(release, admission.analyst)

@@ -37,15 +37,21 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
-def image_digest(code: str, policy: Policy, dictionary: str) -> str:
+def image_digest(code: str, policy: Policy, dictionary: str, debug: bool = False) -> str:
     """The image digest (``sha256:...``) of an enclave running ``code`` with ``policy`` and
-    the data dictionary whose digest is ``dictionary``."""
-    text = json.dumps({"code": code, "policy": policy.hash, "dictionary": dictionary},
-                      sort_keys=True, separators=(",", ":"))
+    the data dictionary whose digest is ``dictionary``; a debug build has another digest
+    (so approving a production image never approves its debug build)."""
+    image: dict[str, object] = {"code": code, "policy": policy.hash, "dictionary": dictionary}
+    if debug:
+        image["debug"] = True
+    text = json.dumps(image, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-def expected_image_digest(policy: Policy | None = None, dictionary: str | None = None) -> str:
+def expected_image_digest(policy: Policy | None = None, dictionary: str | None = None,
+                          debug: bool = False) -> str:
     """The digest of the installed enclave code with ``policy`` (the default one when None)
-    and the dictionary (the shipped one when None): what ``attest digest`` prints."""
-    return image_digest(code_digest(), policy or Policy(), dictionary or dictionary_digest())
+    and the dictionary (the shipped one when None), a debug build when ``debug``: what
+    ``attest digest`` prints."""
+    return image_digest(code_digest(), policy or Policy(), dictionary or dictionary_digest(),
+                        debug)

@@ -96,7 +96,7 @@ class LaunchedEnclave:
         self._code = code
         self.dictionary = dictionary
         self.debug = debug
-        self.image_digest = image_digest(code, policy, dictionary)
+        self.image_digest = image_digest(code, policy, dictionary, debug)
 
     def token(self, *, audience: str, nonce: str, public_key_n: int,
               admission: AdmissionClaims, policy: Policy) -> str:
@@ -107,7 +107,7 @@ class LaunchedEnclave:
         image, which no site approved.
         """
         now = int(time.time())
-        digest = image_digest(self._code, policy, self.dictionary)
+        digest = image_digest(self._code, policy, self.dictionary, self.debug)
         claims = {
             "iss": self._verifier.issuer, "aud": audience, "sub": digest,
             "iat": now, "nbf": now, "exp": now + TOKEN_SECONDS,
