@@ -14,7 +14,7 @@ import pytest
 from scipy import stats
 
 import pets_widgets as pw
-from pets_widgets.enclave.pipeline.noise import OpenDPDiscreteLaplace, noise_interval
+from pets_widgets.enclave.pipeline.noise import NoisePool, OpenDPDiscreteLaplace, noise_interval
 
 from .conftest import make_fed
 
@@ -49,6 +49,31 @@ def test_opendp_sampler_follows_discrete_laplace(scale):
 def test_opendp_sampler_is_not_reproducible():
     sampler = OpenDPDiscreteLaplace()
     assert sampler.sample([0] * 50, Fraction(2)) != sampler.sample([0] * 50, Fraction(2))
+
+
+def test_pooled_noise_follows_discrete_laplace_and_each_draw_is_used_once():
+    pool = NoisePool(size=40_000)
+    sampler = OpenDPDiscreteLaplace(pool)
+    pool.warm([Fraction(2)], 40_000)
+    assert pool.wait()
+    first = sampler.draw(Fraction(2), 20_000)
+    assert pool.held(Fraction(2)) == 20_000  # taken out, not copied
+    second = sampler.draw(Fraction(2), 20_000)
+    assert not np.array_equal(first, second)
+    samples = np.concatenate([first, second])
+    assert gof_pvalue(samples, 2) > P_MIN and gof_pvalue(samples, 2.6) < P_MIN
+    # Values added to the pooled noise are the mechanism on those values.
+    shifted = np.array(sampler.sample([100] * 20_000, Fraction(2))) - 100
+    assert gof_pvalue(shifted, 2) > P_MIN
+
+
+def test_a_pool_too_small_draws_afresh_and_refills_in_the_background():
+    pool = NoisePool(size=1000)
+    sampler = OpenDPDiscreteLaplace(pool)
+    assert pool.held(Fraction(5)) == 0
+    assert len(sampler.draw(Fraction(5), 300)) == 300  # drawn afresh
+    assert pool.wait() and pool.held(Fraction(5)) == 600  # refilled to twice the last use
+    assert len(sampler.draw(Fraction(5), 300)) == 300  # from the pool this time
 
 
 def test_seeded_test_sampler_is_exact_and_reproducible():

@@ -45,10 +45,14 @@ from pets_widgets.enclave.attestation import AttestationClient
 from pets_widgets.enclave.decryption import Decryptor
 from pets_widgets.enclave.ledger import QueryRecord
 from pets_widgets.enclave.pipeline import incidence
+from pets_widgets.enclave.pipeline.noise import NoisePool, OpenDPDiscreteLaplace
 from pets_widgets.enclave.pipeline.release import EXACT_MECHANISM, build_release, exact_blocks
 from pets_widgets.enclave.releaser import Releaser
 
 __all__ = ["Admission", "Enclave", "check_epsilon", "check_k"]
+
+#: The epsilons the enclave service draws noise for ahead of time (the dashboard's choices).
+WARM_EPSILONS = (0.05, 0.1, 0.2, 0.25, 0.5, 0.75, 1.0)
 
 
 class Enclave:
@@ -104,6 +108,18 @@ class Enclave:
     def debug(self) -> bool:
         """Whether this is a debug build (its tokens say so; the test doors need one)."""
         return self._attestation.debug
+
+    def use_noise_pool(self, epsilons: Sequence[float] = WARM_EPSILONS,
+                       cells: int = 1500) -> NoisePool:
+        """Draw noise ahead of time (see :class:`~.pipeline.noise.NoisePool`): warmed for
+        count-like blocks (sensitivity 1) at ``epsilons`` up to the policy's maximum, about
+        ``cells`` draws each, and refilled after every release. The enclave service does
+        this at boot; an in-process simulation draws on demand."""
+        pool = NoisePool()
+        self._releaser.mechanism = OpenDPDiscreteLaplace(pool)
+        pool.warm([1 / Fraction(str(e)) for e in epsilons if e <= self.policy.max_epsilon],
+                  2 * cells)
+        return pool
 
     def register_population(self, population: pd.DataFrame) -> None:
         """Hold the sites' public person-years denominators (for incidence rates).

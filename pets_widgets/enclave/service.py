@@ -93,6 +93,7 @@ def open_enclave(config: EnclaveConfiguration, issuer: Any) -> Enclave:
                       config.key_bits, config.site_capacity, issuer=issuer)
     for name, key in config.site_keys.items():
         enclave.register_site(name, VerifyKey.from_bytes(bytes.fromhex(key)))
+    enclave.use_noise_pool()
     if config.population is not None:
         try:
             enclave.register_population(pd.read_csv(config.population))
