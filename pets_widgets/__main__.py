@@ -162,7 +162,10 @@ def open_operator_ledger(config: EnclaveConfiguration) -> Ledger:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pets_widgets")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="print a released crosstab with its parameter card")
+    p_demo = sub.add_parser("demo", help="print a released crosstab with its parameter card; "
+                            "demo reset: remove the dashboard's demo state (budget, audit log)")
+    p_demo.add_argument("action", nargs="?", choices=["reset"],
+                        help="reset: start the demo over (stop the dashboard first)")
     p_demo.add_argument("--seed", type=int, default=7)
     p_dash = sub.add_parser("dashboard", help="serve the dashboard with Voila on 127.0.0.1 "
                             "and print its URL")
@@ -250,7 +253,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return attest_command(args)
     if args.command == "enclave":
         return enclave_command(args)
-    if args.command == "demo":
+    if args.command == "demo" and args.action == "reset":
+        from pets_widgets.coordinator.state import reset_demo
+
+        removed = reset_demo()
+        print(f"removed the demo's state in {removed}" if removed is not None
+              else "the demo has no state to remove")
+    elif args.command == "demo":
         demo(args.seed)
     elif args.command == "dashboard":
         from pets_widgets.ui.serve import serve

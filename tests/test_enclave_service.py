@@ -305,3 +305,27 @@ def test_a_debug_enclave_is_refused_by_sites_that_do_not_allow_one(tmp_path):
             fed.run(pw.Count(by=["sex"]), epsilon=0.05)
         assert info.value.rule == "trust.debug"
         assert fed.budget().analyst_spent == 0
+
+
+def test_pages_of_one_dashboard_server_share_one_ledger(efed, tmp_path, monkeypatch):
+    """The dashboard's server starts the services once; each page's kernel reaches them
+    through the federation file it wrote (tokens in the environment)."""
+    path = tmp_path / "federation.toml"
+    env = efed.write_config(path)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert not any(token in path.read_text() for token in env.values())  # names only
+    spec = pw.Count(by=["stage"], where={"diagnosis_period": ["2010-2014"]})
+    first_page = pw.Federation.from_config(path)
+    second_page = pw.Federation.from_config(path)
+    released = first_page.run(spec, epsilon=0.15)
+    again = second_page.run(spec, epsilon=0.15)
+    assert again.card.repeated and again.table.equals(released.table)
+    assert second_page.budget() == first_page.budget() == efed.budget()
+    first_page.close()  # closing a page stops nothing it did not start
+    assert efed.enclave.status()["analyst"] == efed.analyst
+
+
+def test_write_config_needs_services(fed2, tmp_path):
+    with pytest.raises(pw.ConfigError, match="services"):
+        fed2.write_config(tmp_path / "f.toml")

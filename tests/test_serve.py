@@ -45,10 +45,11 @@ def test_missing_notebook_names_the_paths(tmp_path):
 
 
 @pytest.mark.slow
-def test_dashboard_command_prints_the_url_serves_and_stops_everything():
+def test_dashboard_command_prints_the_url_serves_and_stops_everything(tmp_path):
     port = voila.free_port()
     env = dict(os.environ)
     env.pop("MPLBACKEND", None)
+    env["PETS_STATE_DIR"] = str(tmp_path)  # the demo's services keep their state here
     proc = subprocess.Popen([sys.executable, "-m", "pets_widgets", "dashboard", "--port",
                              str(port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, env=env, start_new_session=True)
@@ -72,6 +73,9 @@ def test_dashboard_command_prints_the_url_serves_and_stops_everything():
         while voila.alive(started) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not voila.alive(started), "voila or a kernel outlived the command"
+        # The services it started kept their state for the next run.
+        assert (tmp_path / "demo" / "enclave" / "ledger.sqlite").exists()
+        assert (tmp_path / "demo" / "federation.toml").exists()
     finally:
         voila.stop_process_group(proc)
         for pid in voila.alive(started):

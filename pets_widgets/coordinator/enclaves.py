@@ -145,6 +145,8 @@ class ServiceEnclave:
         self.url = url.rstrip("/")
         self.timeout, self.start_timeout = float(timeout), float(start_timeout)
         self._session = session(f"token {token}", client_cert, client_key)
+        #: This process's analyst token (what it proves it is with; never another's).
+        self.token = token
         self._verify: str | bool = ca_file if ca_file is not None else True
         self._process = process
         self.info: dict[str, Any] = {}

@@ -16,9 +16,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -404,6 +404,31 @@ class Federation:
                                 key_bits=key_bits, site_capacity=site_capacity, debug=debug,
                                 floors=floors)
 
+    def write_config(self, path: str | os.PathLike[str],
+                     prefix: str = "PETS_DASHBOARD") -> dict[str, str]:
+        """Write a federation file listing this federation's services by URL (each site's
+        pinned verify key, the enclave's URL) and return the environment that file's
+        ``token_env`` names refer to: how a server that started the services lets its
+        notebooks' kernels reach them (``Federation.from_config``) without starting their
+        own. Only for site services and an enclave service."""
+        if not isinstance(self.enclave, ServiceEnclave) or not all(
+                isinstance(s, ServiceSite) for s in self._sites):
+            raise ConfigError("write_config needs site services and an enclave service")
+        env: dict[str, str] = {}
+        lines = ["# Written by the server that started these services; tokens are in the",
+                 "# environment variables named here.", "[enclave]",
+                 f'url = "{self.enclave.url}/"', f'token_env = "{prefix}_ANALYST_TOKEN"', ""]
+        env[f"{prefix}_ANALYST_TOKEN"] = self.enclave.token
+        for i, site in enumerate(self._sites):
+            assert isinstance(site, ServiceSite)
+            name = f"{prefix}_SITE_{i}_TOKEN"
+            env[name] = site.token
+            lines += ["[[sites]]", f"name = {json.dumps(site.name)}", 'backend = "service"',
+                      f'url = "{site.url}/"', f'token_env = "{name}"',
+                      f'verify_key = "{site.verify_key.to_bytes().hex()}"', ""]
+        Path(path).write_text("\n".join(lines), encoding="utf-8")
+        return env
+
     def __enter__(self) -> Federation:
         return self
 
@@ -429,8 +454,14 @@ def temporary_ledger() -> Path:
 def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | os.PathLike[str]
                      | None = None, policy: Policy | None = None, key_bits: int | None = None,
                      site_capacity: int | None = None, debug: bool = False,
-                     floors: Floors | None = None) -> Federation:
+                     floors: Floors | None = None,
+                     state: str | os.PathLike[str] | None = None) -> Federation:
     """Start every site of ``config`` (in parallel) and return the federation.
+
+    ``state`` is a folder that keeps, across runs, what this machine's services hold: the
+    generated sites' keys and lifetime budgets, the enclave's ledger (budget, audit log,
+    stored releases, analysts' tokens) and the platform verifier's key; without it each run
+    starts afresh in temporary folders.
 
     A simulated platform verifier measures and launches the enclave (a debug build when
     ``debug``: the test doors need one) and issues its tokens. Every site is opened from a
@@ -456,14 +487,19 @@ def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | o
     backends: list[Any] = []
     remote: list[Any] = []
     enclave: Enclave | ServiceEnclave
+    state = Path(state).expanduser().resolve() if state is not None else None
+    folders = _site_folders(config, state)
     if config.enclave.backend == "service":
         if isinstance(ledger, audit.Ledger):
             raise ConfigError("ledger: an enclave service opens its ledger itself; give its "
                               "path, not a Ledger object")
-        enclave, jwks = _enclave_service(config, ledger, policy, bits, capacity, debug)
+        enclave, jwks = _enclave_service(config, ledger, policy, bits, capacity, debug,
+                                         folders, state)
         remote.append(enclave)
         issuer = ISSUER
     else:
+        if ledger is None and state is not None:
+            ledger = state / "ledger.sqlite"
         if not isinstance(ledger, audit.Ledger):
             ledger = audit.Ledger(Path(ledger) if ledger is not None else temporary_ledger())
         verifier = (PlatformVerifier.open(config.verifier) if config.verifier is not None
@@ -472,7 +508,7 @@ def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | o
         enclave = Enclave(schema, ledger, policy, bits, capacity, issuer=launched)
         jwks, issuer = verifier.jwks(), verifier.issuer
     generated = SiteDefaults(jwks, issuer, expected_image_digest(policy, schema.digest, debug),
-                             debug, floors or Floors(), capacity, schema.sites, config.path)
+                             debug, floors or Floors(), capacity, schema.sites, folders)
     try:
         for sc in config.sites:
             population = (read_population(sc.population, sc.name)
@@ -505,15 +541,22 @@ def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | o
         raise
 
 
-#: Folders made for the sites of a run whose enclave is a service started here: each site's
-#: signing key is made first, so the enclave's configuration can pin its verify key.
-_SITE_FOLDERS: dict[tuple[str, str], Path] = {}
-
-
-def _site_folder(entry: SiteConfig) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="pets-site-config-"))
-    atexit.register(shutil.rmtree, folder, True)
-    return folder
+def _site_folders(config: FederationConfig, state: Path | None) -> dict[str, Path]:
+    """A folder for each site whose configuration this run generates: under ``state`` (its
+    key and lifetime budget kept across runs), else a fresh one removed at exit. Made before
+    anything starts, so an enclave started here can pin each site's verify key."""
+    folders = {}
+    for entry in config.sites:
+        if entry.url is not None or entry.config is not None:
+            continue
+        if state is not None:
+            folder = state / "sites" / entry.name
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        else:
+            folder = Path(tempfile.mkdtemp(prefix="pets-site-config-"))
+            atexit.register(shutil.rmtree, folder, True)
+        folders[entry.name] = folder
+    return folders
 
 
 def _verify_key(entry: SiteConfig, folder: Path | None) -> str:
@@ -531,12 +574,14 @@ def _verify_key(entry: SiteConfig, folder: Path | None) -> str:
 
 
 def _enclave_service(config: FederationConfig, ledger: str | os.PathLike[str] | None,
-                     policy: Policy, bits: int, capacity: int,
-                     debug: bool) -> tuple[ServiceEnclave, dict[str, Any]]:
+                     policy: Policy, bits: int, capacity: int, debug: bool,
+                     folders: dict[str, Path],
+                     state: Path | None) -> tuple[ServiceEnclave, dict[str, Any]]:
     """The federation's enclave service and the verifier JWKS its sites pin: reached at
     ``[enclave] url``, or started here as its operators would (the embedded default).
 
-    Started here: an ``enclave.toml`` is written in a fresh state folder (the sites' verify
+    Started here: an ``enclave.toml`` is written in ``state/enclave`` (a fresh folder when
+    ``state`` is None; there the ledger and the verifier's key are kept) with the sites' verify
     keys, ``policy``, the ledger, the key size, the public denominators), an analyst token
     is issued for this process's user with ``enclave add-analyst`` (a separate process: this
     one never opens the ledger), and ``enclave serve`` starts the platform verifier, which
@@ -552,31 +597,34 @@ def _enclave_service(config: FederationConfig, ledger: str | os.PathLike[str] | 
         if config.verifier is None:
             return client, {"keys": []}  # no site is generated here (each has its own)
         return client, json.loads((Path(config.verifier) / JWKS_FILE).read_text("utf-8"))
-    state = Path(tempfile.mkdtemp(prefix="pets-enclave-"))
-    atexit.register(shutil.rmtree, state, True)
+    if state is None:
+        home = Path(tempfile.mkdtemp(prefix="pets-enclave-"))
+        atexit.register(shutil.rmtree, home, True)
+    else:
+        home = state / "enclave"
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (home / "enclave.toml").unlink(missing_ok=True)  # written anew for this run
     keys, frames = {}, []
     for sc in config.sites:
-        folder = None
-        if sc.url is None and sc.config is None:
-            folder = _SITE_FOLDERS[(config.path, sc.name)] = _site_folder(sc)
-        keys[sc.name] = _verify_key(sc, folder)
+        keys[sc.name] = _verify_key(sc, folders.get(sc.name))
         population = (read_population(sc.population, sc.name) if sc.population is not None
                       else sc.source.population(sc.name) if sc.source is not None else None)
         if population is not None:
             frames.append(population)
     if frames:
-        pd.concat(frames, ignore_index=True).to_csv(state / "population.csv", index=False)
+        pd.concat(frames, ignore_index=True).to_csv(home / "population.csv", index=False)
     path = write_enclave_config(
-        state, sites=schema.sites, site_keys=keys, policy=policy, key_bits=bits,
+        home, sites=schema.sites, site_keys=keys, policy=policy, key_bits=bits,
         site_capacity=capacity, population="population.csv" if frames else None, debug=debug,
         ledger=str(Path(ledger).resolve()) if ledger is not None else "ledger.sqlite",
-        verifier=str(Path(config.verifier).resolve()) if config.verifier else "verifier")
+        verifier=str(Path(config.verifier).resolve()) if config.verifier
+        else str(state / "verifier") if state is not None else "verifier")
     # The operator's act, in its own process and at the same time as the launch.
     issuing = subprocess.Popen(
         [sys.executable, "-m", "pets_widgets", "enclave", "add-analyst", resolve_analyst(None),
          "--config", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL, text=True)
-    process = EnclaveProcess(path, debug=debug, log=state / "enclave.log")
+    process = EnclaveProcess(path, debug=debug, log=home / "enclave.log")
     jwks_path = process.jwks(settings.start_timeout)
     out, err = issuing.communicate()
     if jwks_path is None or issuing.returncode != 0:
@@ -618,13 +666,17 @@ class SiteDefaults:
     floors: Floors
     capacity: int
     sites: tuple[str, ...]
-    #: The federation file of the run (its sites' folders may be made before this).
-    run: str = "<memory>"
+    #: The folders made for the run's sites (see :func:`_site_folders`).
+    folders: Mapping[str, Path] = field(default_factory=dict)
 
     def write(self, entry: SiteConfig) -> Path:
         """A fresh folder (removed at interpreter exit) with the site's ``site.toml``."""
         assert entry.source is not None
-        folder = _SITE_FOLDERS.pop((self.run, entry.name), None) or _site_folder(entry)
+        folder = self.folders.get(entry.name)
+        if folder is None:
+            folder = Path(tempfile.mkdtemp(prefix="pets-site-config-"))
+            atexit.register(shutil.rmtree, folder, True)
+        (folder / "site.toml").unlink(missing_ok=True)  # pins this run's verifier and image
         return write_site_config(
             folder, entry.name, entry.source.to_dict(), sites=self.sites,
             capacity=self.capacity, verifier_jwks=self.jwks, issuer=self.issuer,
@@ -659,7 +711,8 @@ def demo_federation(seed: int = 7, n_sites: int = 2, rows_per_site: int | None =
                     ledger: str | os.PathLike[str] | None = None, backend: str = "local",
                     site_capacity: int | None = None, debug: bool = False,
                     allow_site_breakdown: bool = False,
-                    floors: Floors | None = None, enclave: str | None = None) -> Federation:
+                    floors: Floors | None = None, enclave: str | None = None,
+                    state: str | os.PathLike[str] | None = None) -> Federation:
     """A federation of synthetic registries: NDRS and NCI by default, seeded and realistic.
 
     ``enclave`` is ``"service"`` (the default with ``backend="service"``: the platform
@@ -672,7 +725,9 @@ def demo_federation(seed: int = 7, n_sites: int = 2, rows_per_site: int | None =
     its old name), which generates its rows itself; both give the same rows for the same
     seed. Close a service federation with ``fed.close()`` or a ``with`` block (it is also
     closed at interpreter exit).
-    ``ledger`` is the SQLite file of the audit log and budget (a temporary file when None).
+    ``ledger`` is the SQLite file of the audit log and budget (a temporary file when None,
+    unless ``state`` names a folder that keeps the ledger, keys and budgets across runs, as
+    the dashboard's server does: see :func:`build_federation`).
     Each site approves the image digest of an enclave running this code with ``policy``: a
     quietly changed policy or code is refused at attestation. ``debug=True`` launches a debug
     enclave that the sites accept (what :mod:`pets_widgets.testing` needs for exact totals);
@@ -702,4 +757,5 @@ def demo_federation(seed: int = 7, n_sites: int = 2, rows_per_site: int | None =
     config = sites_of([p.name for p in profiles], sources, backend, enclave=enclave)
     return build_federation(config, ledger=ledger, policy=policy, key_bits=key_bits,
                             site_capacity=site_capacity, debug=debug,
-                            floors=floors or Floors(allow_site_breakdown=allow_site_breakdown))
+                            floors=floors or Floors(allow_site_breakdown=allow_site_breakdown),
+                            state=state)

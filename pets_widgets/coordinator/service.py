@@ -82,6 +82,7 @@ class ServiceSite:
         self._verify_key: VerifyKey | None = None
         self._process = process
         self._session = session(f"token {token}", client_cert, client_key)
+        self.token = token
         # Passed with every request: a Session's own verify loses to $REQUESTS_CA_BUNDLE.
         self._verify: str | bool = ca_file if ca_file is not None else True
         self._lock = threading.Lock()

@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pets_widgets.core.net import free_port
 
@@ -90,7 +91,12 @@ def serve(notebook: str | os.PathLike[str] | None = None, port: int | None = Non
     answers, and run until Ctrl-C or SIGTERM; returns Voila's exit code.
 
     ``config``: a site configuration file the dashboard's kernels use instead of the demo
-    (passed to them as ``$PETS_SITES_CONFIG``, resolved to an absolute path)."""
+    (passed to them as ``$PETS_SITES_CONFIG``, resolved to an absolute path). Without one,
+    this process starts the demo's services once (the platform verifier with the enclave
+    service, and a site service per synthetic registry, their state kept in the demo's
+    state folder: :mod:`pets_widgets.coordinator.state`), and every page's kernel reaches
+    those services by URL: every page load shares one ledger, budget and audit log, and the
+    same question gets the same answer. They stop with this command."""
     nb = find_notebook(notebook)
     if port is None:
         port = DEFAULT_PORT if port_is_free(DEFAULT_PORT) else free_port()
@@ -106,10 +112,19 @@ def serve(notebook: str | os.PathLike[str] | None = None, port: int | None = Non
             print(f"no site configuration file at {config_path}", file=sys.stderr)
             return 2
         env["PETS_SITES_CONFIG"] = str(config_path)
-    print(f"Starting Voila on {nb.name} ...", flush=True)
-    proc = subprocess.Popen([*voila_command(nb, port, preheat), *extra_args], cwd=nb.parent,
-                            env=env, start_new_session=True)
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    services = None
+    try:
+        if config is None:
+            services = start_services(env)
+        print(f"Starting Voila on {nb.name} ...", flush=True)
+        proc = subprocess.Popen([*voila_command(nb, port, preheat), *extra_args],
+                                cwd=nb.parent, env=env, start_new_session=True)
+    except BaseException:
+        signal.signal(signal.SIGTERM, previous)
+        if services is not None:
+            services.close()
+        raise
     try:
         wait_ready(url, proc, timeout)
         print(f"\nDashboard ready: {url}\n(open it in a browser; Ctrl-C stops it)\n", flush=True)
@@ -119,3 +134,24 @@ def serve(notebook: str | os.PathLike[str] | None = None, port: int | None = Non
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop(proc)
+        if services is not None:
+            services.close()
+
+
+def start_services(env: dict[str, str]) -> Any:
+    """Start the demo's services (enclave and sites) and point ``env`` (the kernels') at
+    them: ``$PETS_SITES_CONFIG`` names the federation file, its tokens are added."""
+    from pets_widgets.coordinator.federation import demo_federation
+    from pets_widgets.coordinator.state import demo_state
+
+    state = demo_state()
+    print(f"Starting the enclave and site services (state in {state}) ...", flush=True)
+    fed = demo_federation(backend="service", state=state)
+    try:
+        path = state / "federation.toml"
+        env.update(fed.write_config(path))
+        env["PETS_SITES_CONFIG"] = str(path)
+    except BaseException:
+        fed.close()
+        raise
+    return fed

@@ -106,7 +106,8 @@ def dashboard(fed: Federation | None = None, backend: str = "service", seed: int
     config = config if config is not None else os.environ.get(CONFIG_ENV) or None
     if fed is None and config is not None:
         settings = load_config(config)
-        if settings.ledger is None and "ledger" not in kwargs and not settings.synthetic_only:
+        if (settings.ledger is None and "ledger" not in kwargs and not settings.synthetic_only
+                and settings.enclave.url is None):
             raise ConfigError(f"{os.fspath(config)}: name the audit ledger ([federation] ledger "
                               "= \"ledger.sqlite\") so the privacy budget and stored releases "
                               "last across page loads")

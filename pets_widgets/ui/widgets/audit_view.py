@@ -23,11 +23,17 @@ class AuditView(W.VBox):
     def __init__(self, fed: Federation, analyst: str | None = None):
         self.fed = fed
         hub = hub_user()
-        self.analyst = classed(W.Text(value=analyst or hub or default_analyst(),
+        # An enclave service shows each analyst their own rows only (the token's owner).
+        fixed = fed.analyst if fed.is_service else None
+        self.analyst = classed(W.Text(value=fixed or analyst or hub or default_analyst(),
                                       description="Analyst", style=_WIDE,
-                                      continuous_update=False), "pw-audit-analyst")
+                                      continuous_update=False, disabled=fixed is not None),
+                               "pw-audit-analyst")
         self.everyone = classed(W.Checkbox(value=False, description="all analysts",
-                                           indent=False), "pw-audit-all")
+                                           indent=False, disabled=fixed is not None),
+                                "pw-audit-all")
+        if fixed is not None:
+            self.everyone.layout.display = "none"
         self.refresh_button = classed(W.Button(description="Refresh", icon="refresh"),
                                       "pw-audit-refresh")
         self.budget = html("", "pw-audit-budget")

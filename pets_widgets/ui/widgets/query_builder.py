@@ -103,10 +103,17 @@ class QueryBuilder(W.VBox):
             f"k at least {self.policy.k}; filters must keep at least "
             f"{self.policy.min_subset} patients; budget {self.policy.analyst_budget:g} per "
             "analyst.</span>", "pw-policy")
+        # An enclave service charges the owner of this process's analyst token: the box shows
+        # that name and cannot be edited (the in-process simulation may play other analysts).
         hub = hub_user()
-        self.analyst = classed(W.Text(value=hub or default_analyst(), description="Analyst",
+        fixed = fed.analyst if fed.is_service else hub
+        self.analyst = classed(W.Text(value=fixed or default_analyst(), description="Analyst",
                                       style=_WIDE, continuous_update=False,
-                                      disabled=hub is not None), "pw-analyst")
+                                      disabled=fixed is not None,
+                                      tooltip="the analyst your token belongs to: the enclave "
+                                      "charges every query to this name" if fed.is_service
+                                      else "the analyst charged (a one-process simulation "
+                                      "may play several)"), "pw-analyst")
         self.budget = html("", "pw-budget")
         self.intervals = classed(W.Checkbox(value=False, description="Show 95% intervals",
                                             indent=False), "pw-intervals")
