@@ -45,3 +45,17 @@ def test_readme_site_configuration_table_names_every_key():
     published = {key for _, key in named} | {table for table, _ in named if table}
     keys = {*config.TOP_KEYS, *config.TRUST_KEYS, *config.FLOOR_KEYS}
     assert keys <= published, keys - published
+
+
+def test_readme_enclave_routes_are_the_services_routes():
+    import json
+
+    text = section("## The enclave as a service")
+    published = set(re.findall(r"^\| `((?:GET|POST) /\w+)` \|", text, flags=re.M))
+    notebook = json.loads((README.parent / "pets_widgets" / "enclave" / "service.ipynb")
+                          .read_text())
+    served = {"".join(c["source"]).splitlines()[0][2:] for c in notebook["cells"]
+              if c["cell_type"] == "code" and "".join(c["source"]).startswith(("# GET",
+                                                                              "# POST"))}
+    assert published == served == {"GET /status", "POST /admit", "POST /release",
+                                   "GET /budget", "GET /audit"}
