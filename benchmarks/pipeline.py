@@ -36,7 +36,9 @@ Medians of ``--repeats`` runs; naive runs once.
 The service rows run the same queries with every site its own ``site serve`` process on
 127.0.0.1 (warm: the benchmark waits between queries while the sites refill their pools;
 cold: asked back to back, so with little time to precompute), beside the local backend's
-times in the same run, with ``ready_s``: the seconds until the federation answered.
+times in the same run, with ``ready_s``: the seconds until the federation answered;
+``service`` keeps the enclave in this process, ``service+enclave`` runs it as its own
+enclave service (``enclave serve``), as the dashboard does.
 Results are printed and saved as CSV (``--csv``, by default under
 ``benchmarks/results/``, which git ignores).
 """
@@ -261,13 +263,17 @@ def measure_local(fed: pw.Federation, name: str, spec: pw.QuerySpec, *, repeats:
 
 
 def measure_services(n_sites: int, rows: int, bits: int, repeats: int,
-                     local: dict[str, Row]) -> list[Row]:
+                     local: dict[str, Row], enclave: str = "local") -> list[Row]:
+    """Site services, with the enclave in this process (``service``) or as its own enclave
+    service (``service+enclave``: every query then also makes two calls to the enclave)."""
     out = []
     enc, _ = modexp_ms(bits)
     cores = os.cpu_count() or 1
     t0 = time.perf_counter()
+    backend = "service" if enclave == "local" else "service+enclave"
+    analyst = "benchmark" if enclave == "local" else None  # a service charges its token
     with pw.demo_federation(seed=7, n_sites=n_sites, rows_per_site=rows, key_bits=bits,
-                            policy=POLICY, backend="service") as fed:
+                            policy=POLICY, backend="service", enclave=enclave) as fed:
         ready = time.perf_counter() - t0
         for name, spec in QUERIES.items():
             eps = Epsilons()
@@ -275,10 +281,10 @@ def measure_services(n_sites: int, rows: int, bits: int, repeats: int,
             # Time for every site to refill what a query used, on this machine's cores.
             refill = math.ceil(n_sites / cores) * packing.n_ciphertexts * enc / 1000 * 1.5
             def run(spec: pw.QuerySpec = spec, eps: Epsilons = eps) -> None:
-                fed.run(spec, epsilon=eps(), analyst="benchmark")
+                fed.run(spec, epsilon=eps(), analyst=analyst)
 
             run()
-            row = Row(name, "service", bits, n_sites, rows, packing.n_cells,
+            row = Row(name, backend, bits, n_sites, rows, packing.n_cells,
                       packing.n_ciphertexts, packing.slot_bits)
             row.cold_ms = median_ms(run, repeats)
             wait = refill + foreground.GRACE + 0.2
@@ -312,6 +318,7 @@ SHOW = {
     "service": ["query", "key_bits", "sites", "rows_per_site", "warm_ms", "local_warm_ms",
                 "service/local", "cold_ms", "local_cold_ms", "service/local cold", "ready_s"],
 }
+SHOW["service+enclave"] = SHOW["service"]
 
 
 def print_tables(df: pd.DataFrame) -> None:
@@ -365,7 +372,8 @@ def markdown(df: pd.DataFrame) -> str:
                       "naive_ms": "naive ms", "cold_ms": "cold ms", "warm_ms": "warm ms",
                       "naive/warm": "naive/warm", "naive/cold": "naive/cold",
                       "data_mb": "data MB", "index_mb": "index MB", "peak_mb": "peak MB"}),
-        table(df[df.backend == "service"], {"query": "query", "sites": "sites",
+        table(df[df.backend.str.startswith("service")], {"query": "query",
+                                            "backend": "backend", "sites": "sites",
                                             "warm_ms": "service warm ms",
                                             "local_warm_ms": "local warm ms",
                                             "service/local": "service/local",
@@ -431,8 +439,9 @@ def main(argv: list[str] | None = None) -> None:
     for bits, n_sites, n_rows in service_grid:
         local = {r.query: r for r in rows if (r.key_bits, r.sites, r.rows_per_site)
                  == (bits, n_sites, n_rows)}
-        rows.extend(measure_services(n_sites, n_rows, bits, repeats, local))
-        print(f"  measured site services: {bits}-bit, {n_sites} sites")
+        for enclave in ("local", "service"):
+            rows.extend(measure_services(n_sites, n_rows, bits, repeats, local, enclave))
+            print(f"  measured site services ({enclave} enclave): {bits}-bit, {n_sites} sites")
     df = report(rows)
     print_tables(df)
     csv.parent.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,16 @@ class AttestationClient:
     def debug(self) -> bool:
         return bool(self._issuer is not None and self._issuer.debug)
 
+    def tokens(self, admission: Admission, nonces: dict[str, str], public_key_n: int,
+               policy: Policy) -> dict[str, str]:
+        """A token per site of ``nonces``: in one call when the issuer batches them."""
+        batch = getattr(self._issuer, "tokens", None)
+        if batch is None:
+            return {site: self.token(admission, site, nonce, public_key_n, policy)
+                    for site, nonce in nonces.items()}
+        return dict(batch(nonces=nonces, public_key_n=public_key_n,
+                          admission=admission_claims(admission), policy=policy))
+
     def token(self, admission: Admission, site: str, nonce: str, public_key_n: int,
               policy: Policy) -> str:
         if self._issuer is None:
@@ -81,6 +91,17 @@ class VerifierClient:
 
     def token(self, *, audience: str, nonce: str, public_key_n: int,
               admission: AdmissionClaims, policy: Policy) -> str:
-        return str(self._call("POST", "/token", {
-            "audience": audience, "nonce": nonce, "public_key_n": format(public_key_n, "x"),
-            "admission": admission.to_dict(), "policy": policy.to_dict()})["token"])
+        return self.tokens(nonces={audience: nonce}, public_key_n=public_key_n,
+                           admission=admission, policy=policy)[audience]
+
+    def tokens(self, *, nonces: dict[str, str], public_key_n: int, admission: AdmissionClaims,
+               policy: Policy) -> dict[str, str]:
+        """One token per site (audience) for its nonce, in one call to the verifier."""
+        reply = self._call("POST", "/tokens", {
+            "nonces": nonces, "public_key_n": format(public_key_n, "x"),
+            "admission": admission.to_dict(), "policy": policy.to_dict()})
+        tokens = reply.get("tokens")
+        if not isinstance(tokens, dict) or set(tokens) != set(nonces):
+            raise AttestationError("the platform verifier's reply is malformed",
+                                   rule="trust.verifier")
+        return {str(site): str(token) for site, token in tokens.items()}

@@ -211,6 +211,13 @@ class Enclave:
         self.ledger.record(QueryRecord(analyst, spec.hash, spec.to_json(), tuple(sites), eps),
                            audit.FAILED, rule=rule, reason=reason)
 
+    def issue_tokens(self, admission: Admission, nonces: dict[str, str]) -> dict[str, str]:
+        """:meth:`issue_nonce` for every site of ``admission`` at once (one call to the
+        verifier when it takes batches)."""
+        for site, nonce in nonces.items():
+            self._open.answer(admission, site, nonce)
+        return self._attestation.tokens(admission, nonces, self.public_key.n, self.policy)
+
     def abort(self, admission: Admission, outcome: str, rule: str, reason: str) -> None:
         """Record a query that failed before any budget was reserved (nothing spent)."""
         self._open.close(admission)

@@ -208,7 +208,7 @@ def _admit(enclave: Enclave, analyst: str, body: object) -> dict[str, Any]:
     if isinstance(admitted, Release):
         return {"release": release_to_dict(admitted)}
     try:
-        tokens = {site: enclave.issue_nonce(admitted, site, nonces[site]) for site in sites}
+        tokens = enclave.issue_tokens(admitted, {site: nonces[site] for site in sites})
     except BaseException as exc:
         enclave.abort(admitted, audit.FAILED, "trust.verifier",
                       f"no attestation token ({type(exc).__name__}); nothing spent")

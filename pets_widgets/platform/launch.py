@@ -38,15 +38,15 @@ from pets_widgets.platform.verifier import JWKS_FILE, LaunchedEnclave, PlatformV
 #: secret that proves it is the enclave this verifier launched.
 URL_ENV = "PETS_VERIFIER_URL"
 SECRET_ENV = "PETS_VERIFIER_SECRET"
-#: The largest token request the token service reads.
-MAX_TOKEN_REQUEST = 2**16
+#: The largest token request the token service reads (one nonce per site of a study).
+MAX_TOKEN_REQUEST = 2**20
 
 
 class TokenService:
     """The verifier's token service for the one enclave it launched (127.0.0.1 only).
 
-    ``GET /launch`` says what was measured (image digest, debug); ``POST /token`` signs one
-    token for a site's nonce on an admission. Both need the launch secret.
+    ``GET /launch`` says what was measured (image digest, debug); ``POST /tokens`` signs one
+    token per site, for its nonce, on one admission. Both need the launch secret.
     """
 
     def __init__(self, launched: LaunchedEnclave, secret: str, host: str = LOOPBACK):
@@ -55,6 +55,9 @@ class TokenService:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in separate writes: with Nagle's algorithm on, each
+            # reply would wait for the client's delayed ACK (40 ms on Linux).
+            disable_nagle_algorithm = True
 
             def log_message(self, *args: Any) -> None:  # no request is logged
                 return
@@ -70,21 +73,23 @@ class TokenService:
             def do_POST(self) -> None:
                 if not self._allowed():
                     return
-                if self.path != "/token":
+                if self.path != "/tokens":
                     return self._send(404, {"error": "no such route"})
                 size = int(self.headers.get("Content-Length") or 0)
                 if not 0 < size <= MAX_TOKEN_REQUEST:
                     return self._send(413, {"error": "token request too large"})
                 try:
                     body = json.loads(self.rfile.read(size))
-                    token = service.launched.token(
-                        audience=str(body["audience"]), nonce=str(body["nonce"]),
-                        public_key_n=int(body["public_key_n"], 16),
-                        admission=AdmissionClaims.from_dict(body["admission"]),
-                        policy=Policy(**body["policy"]))
+                    admission = AdmissionClaims.from_dict(body["admission"])
+                    policy = Policy(**body["policy"])
+                    key = int(body["public_key_n"], 16)
+                    tokens = {str(site): service.launched.token(
+                        audience=str(site), nonce=str(nonce), public_key_n=key,
+                        admission=admission, policy=policy)
+                        for site, nonce in dict(body["nonces"]).items()}
                 except (KeyError, TypeError, ValueError):
                     return self._send(400, {"error": "not a token request"})
-                self._send(200, {"token": token})
+                self._send(200, {"tokens": tokens})
 
             def _allowed(self) -> bool:
                 given = self.headers.get("Authorization", "").removeprefix("secret ")
