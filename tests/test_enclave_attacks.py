@@ -202,3 +202,17 @@ def test_eight_simultaneous_identical_queries_cost_one_epsilon_and_share_one_ans
     assert sum(not r.card.repeated for r in results) == 1
     first = results[0].table
     assert all(r.table.equals(first) for r in results)
+
+
+def test_an_admission_never_released_is_closed_once_its_tokens_expire(fresh_fed, monkeypatch):
+    from pets_widgets.enclave import enclave as enclave_module
+
+    enclave = fresh_fed.enclave
+    left = enclave.admit(pw.Count(by=["stage"]), 0.5, 5, "vanished", fresh_fed.site_names)
+    monkeypatch.setattr(enclave_module, "ABANDONED_SECONDS", -1.0)
+    fresh_fed.run(pw.Count(by=["sex"]), epsilon=0.5, analyst="next")
+    with pytest.raises(pw.IntegrityError, match="not open"):
+        enclave.open_admission(left.id)
+    row = fresh_fed.audit_log("vanished").iloc[-1]
+    assert row.outcome == "failed" and row.rule == "abandoned"
+    assert fresh_fed.budget("vanished").analyst_spent == 0

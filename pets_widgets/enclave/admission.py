@@ -108,17 +108,28 @@ class OpenAdmissions:
         self._lock = threading.Lock()
         self._open: dict[str, Admission] = {}
         self._nonces: dict[str, dict[str, str]] = {}
+        self._opened: dict[str, float] = {}
         self._used: set[str] = set()
 
     def open(self, admission: Admission) -> None:
         with self._lock:
             self._open[admission.id] = admission
             self._nonces[admission.id] = {}
+            self._opened[admission.id] = time.monotonic()
 
     def close(self, admission: Admission) -> None:
         with self._lock:
             self._open.pop(admission.id, None)
             self._nonces.pop(admission.id, None)
+            self._opened.pop(admission.id, None)
+
+    def abandoned(self, seconds: float) -> list[Admission]:
+        """Admissions open for longer than ``seconds``: their tokens have expired, so no
+        site can answer them any more (a coordinator that admitted and vanished)."""
+        now = time.monotonic()
+        with self._lock:
+            return [self._open[i] for i, t in self._opened.items()
+                    if now - t > seconds and i in self._open]
 
     def answer(self, admission: Admission, site: str, nonce: str) -> None:
         """Remember ``nonce`` as the challenge ``site`` must answer for ``admission``."""
@@ -149,6 +160,7 @@ class OpenAdmissions:
         with self._lock:
             trusted = self._open.pop(admission.id, None)
             nonces = self._nonces.pop(admission.id, None)
+            self._opened.pop(admission.id, None)
         if trusted is None or nonces is None:
             raise IntegrityError("this query is not open in the enclave (already released, "
                                  "aborted, or never admitted)")

@@ -23,7 +23,7 @@ import pandas as pd
 from pets_widgets.core import schema as S
 from pets_widgets.core.budget import Budget
 from pets_widgets.core.errors import IntegrityError
-from pets_widgets.core.evidence import TokenIssuer
+from pets_widgets.core.evidence import TOKEN_SECONDS, TokenIssuer
 from pets_widgets.core.packing import DEFAULT_SITE_CAPACITY, Packing
 from pets_widgets.core.paillier import DEFAULT_KEY_BITS
 from pets_widgets.core.policy import Policy
@@ -51,6 +51,8 @@ from pets_widgets.enclave.releaser import Releaser
 
 __all__ = ["Admission", "Enclave", "check_epsilon", "check_k"]
 
+#: Seconds after which an unreleased admission is closed: its tokens have expired by then.
+ABANDONED_SECONDS = TOKEN_SECONDS + 120
 #: The epsilons the enclave service draws noise for ahead of time (the dashboard's choices).
 WARM_EPSILONS = (0.05, 0.1, 0.2, 0.25, 0.5, 0.75, 1.0)
 
@@ -156,6 +158,7 @@ class Enclave:
         at a time cannot wait) it returns None at once: ask again shortly.
         """
         sites = tuple(sites)
+        self._reap()
         spec, eps, k_int = self._gate.validated(spec, epsilon, k, analyst, sites)
         query = QueryRecord(analyst, spec.hash, spec.to_json(), sites, eps)
         self._gate.enforce(query, spec, k_int)
@@ -178,6 +181,13 @@ class Enclave:
             self._inflight.done(admission.id)
             raise
         return admission
+
+    def _reap(self) -> None:
+        """Close, with an audit row each, admissions whose tokens expired unanswered (nothing
+        was reserved for them: the budget is reserved at release)."""
+        for admission in self._open.abandoned(ABANDONED_SECONDS):
+            self.abort(admission, audit.FAILED, "abandoned", "the query was admitted and "
+                       "never released (its tokens expired); nothing was spent")
 
     def _admission(self, spec: QuerySpec, eps: Fraction, k: int, analyst: str,
                    sites: tuple[str, ...]) -> Admission:
