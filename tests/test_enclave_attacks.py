@@ -216,3 +216,32 @@ def test_an_admission_never_released_is_closed_once_its_tokens_expire(fresh_fed,
     row = fresh_fed.audit_log("vanished").iloc[-1]
     assert row.outcome == "failed" and row.rule == "abandoned"
     assert fresh_fed.budget("vanished").analyst_spent == 0
+
+
+def test_a_nonce_put_in_an_unanswered_admission_does_not_lock_others_out(fresh_fed):
+    """Mallory reads each site's current nonce and admits with it, never asking the sites;
+    Ann's query with the same nonces (a site service hands status callers one nonce) works."""
+    enclave, names = fresh_fed.enclave, fresh_fed.site_names
+    nonces = {s.name: s.challenge() for s in fresh_fed._sites}
+    burnt = enclave.admit(pw.Count(by=["sex"]), 0.5, 5, "mallory", names)
+    enclave.issue_tokens(burnt, nonces)
+    enclave.abort(burnt, "failed", "site", "never sent to the sites")
+    ann = enclave.admit(pw.Count(by=["age_band"]), 0.5, 5, "ann", names)
+    receipt = fresh_fed._port._receipt(ann, lambda: nonces)
+    aggregates, summed = fresh_fed._gather(receipt, lambda *a: None)
+    assert enclave.release(ann, aggregates, summed).table is not None
+
+
+def test_an_aggregate_answers_one_admission_and_cannot_be_replayed_into_another(fresh_fed):
+    """A cheap admission's aggregates (epsilon 0.01, charged so at each site) reused for an
+    expensive one with the same nonces: refused, naming the site."""
+    enclave, names = fresh_fed.enclave, fresh_fed.site_names
+    spec = pw.Count(by=["tumour_group"])
+    cheap = enclave.admit(spec, 0.01, 5, "eve", names)
+    aggregates, summed = _collect(fresh_fed, cheap)
+    enclave.abort(cheap, "failed", "site", "pretend a site failed")
+    dear = enclave.admit(spec, 1.0, 5, "eve", names)
+    enclave.issue_tokens(dear, {a.site: a.nonce for a in aggregates})
+    with pytest.raises(pw.SiteError, match="another admission"):
+        enclave.release(dear, aggregates, summed)
+    assert fresh_fed.budget("eve").analyst_spent == 0

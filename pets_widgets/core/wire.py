@@ -7,6 +7,7 @@ ciphertexts and signatures only, so every object can travel through untrusted co
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import secrets
@@ -44,6 +45,9 @@ class EncryptedAggregate:
     packing: Packing
     ciphertexts: tuple[int, ...]
     signature: bytes = b""
+    #: The admission the site answered (from the token it verified): an aggregate answers
+    #: one admission, at its epsilon, and can never be replayed into another.
+    admission: str = ""
 
     def body(self) -> bytes:
         digest = hashlib.sha256()
@@ -53,11 +57,11 @@ class EncryptedAggregate:
         return _canonical({"site": self.site, "spec_hash": self.spec_hash, "nonce": self.nonce,
                            "key_fingerprint": self.key_fingerprint,
                            "packing": self.packing.to_dict(),
-                           "ciphertexts_sha256": digest.hexdigest()})
+                           "ciphertexts_sha256": digest.hexdigest(),
+                           "admission": self.admission})
 
     def signed(self, key: SigningKey) -> EncryptedAggregate:
-        return EncryptedAggregate(self.site, self.spec_hash, self.nonce, self.key_fingerprint,
-                                  self.packing, self.ciphertexts, key.sign(self.body()))
+        return dataclasses.replace(self, signature=key.sign(self.body()))
 
     def to_dict(self) -> dict[str, Any]:
         """Wire form (JSON-ready): ciphertexts and signature as hex strings."""
@@ -65,7 +69,7 @@ class EncryptedAggregate:
             "site": self.site, "spec_hash": self.spec_hash, "nonce": self.nonce,
             "key_fingerprint": self.key_fingerprint, "packing": self.packing.to_dict(),
             "ciphertexts": [format(c, "x") for c in self.ciphertexts],
-            "signature": self.signature.hex(),
+            "signature": self.signature.hex(), "admission": self.admission,
         }
 
     def to_json(self) -> str:
@@ -77,7 +81,8 @@ class EncryptedAggregate:
         try:
             return cls(str(d["site"]), str(d["spec_hash"]), str(d["nonce"]),
                        str(d["key_fingerprint"]), Packing(**d["packing"]),
-                       tuple(int(c, 16) for c in d["ciphertexts"]), bytes.fromhex(d["signature"]))
+                       tuple(int(c, 16) for c in d["ciphertexts"]), bytes.fromhex(d["signature"]),
+                       str(d["admission"]))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IntegrityError(f"malformed encrypted aggregate ({type(exc).__name__})") from None
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import numbers
+import re
 import secrets
 import threading
 import time
@@ -98,6 +99,10 @@ class Admission:
                            self.epsilon)
 
 
+#: What a site's nonce looks like (:func:`pets_widgets.core.wire.new_nonce`).
+NONCE = re.compile(r"[0-9a-f]{32}")
+
+
 class OpenAdmissions:
     """The admissions issued and not yet released, with the nonce each site answers.
 
@@ -140,10 +145,15 @@ class OpenAdmissions:
                 raise IntegrityError("this query is not open in the enclave")
             if site not in trusted.sites:
                 raise IntegrityError(f"{site!r} is not a site of this query")
+            if not isinstance(nonce, str) or not NONCE.fullmatch(nonce):
+                raise IntegrityError("a site's nonce is 32 hexadecimal digits")
             if site in nonces or nonce in self._used:
                 raise IntegrityError("a challenge can be answered once only")
+            # Marked used only when a release takes it: a nonce someone read from a site's
+            # status and put in an admission nobody answered must not lock everyone else out
+            # of that site. Replays need no global mark: each aggregate is signed for one
+            # admission (EncryptedAggregate.admission), and a site answers a nonce once.
             nonces[site] = nonce
-            self._used.add(nonce)
 
     def get(self, admission_id: object) -> Admission:
         """The enclave's own copy of the open admission ``admission_id`` (a service's client
@@ -166,6 +176,8 @@ class OpenAdmissions:
                                  "aborted, or never admitted)")
         if trusted != admission:
             raise IntegrityError("the admission was altered after the enclave issued it")
+        with self._lock:
+            self._used.update(nonces.values())  # answered (or refused) once, for good
         return trusted, nonces
 
 

@@ -113,6 +113,8 @@ class Decryptor:
             return "its aggregate is for another query"
         if agg.nonce != nonces.get(agg.site):
             return "its aggregate answers another challenge (a replay)"
+        if agg.admission != admission.id:
+            return "its aggregate answers another admission (a replay)"
         if agg.key_fingerprint != self.key_fingerprint:
             return "its aggregate is encrypted to another enclave key"
         if agg.packing != admission.packing:

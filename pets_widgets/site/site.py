@@ -162,7 +162,7 @@ class Site:
                               self._pool(request.public_key, len(plaintexts)))
         aggregate = EncryptedAggregate(
             self.name, spec.hash, nonce, key_fingerprint(request.public_key), packing,
-            tuple(ciphertexts))
+            tuple(ciphertexts), admission=admission.id)
         return aggregate.signed(self._signing_key)
 
     def _current_nonce(self, token: str) -> str:
