@@ -245,3 +245,31 @@ def test_an_aggregate_answers_one_admission_and_cannot_be_replayed_into_another(
     with pytest.raises(pw.SiteError, match="another admission"):
         enclave.release(dear, aggregates, summed)
     assert fresh_fed.budget("eve").analyst_spent == 0
+
+
+def test_one_analyst_cannot_hold_many_admissions_or_waste_sites_budgets_unreleased(fresh_fed):
+    """Sites charge their own lifetime epsilon when they answer; an admission never released
+    costs its analyst nothing, so the enclave bounds both how many are open at once and how
+    much epsilon they asked for in a day."""
+    from pets_widgets.enclave.admission import MAX_OPEN_ADMISSIONS
+
+    enclave, names = fresh_fed.enclave, fresh_fed.site_names
+    held = [enclave.admit(pw.Count(by=["sex"], where={"diagnosis_year": (2000 + i, 2000 + i)}),
+                          0.5, 5, "hoarder", names) for i in range(MAX_OPEN_ADMISSIONS)]
+    with pytest.raises(pw.QueryRefused) as info:
+        enclave.admit(pw.Count(by=["stage"]), 0.5, 5, "hoarder", names)
+    assert info.value.rule == "open_admissions"
+    fresh_fed.run(pw.Count(by=["stage"]), epsilon=0.5, analyst="ann")  # others are not held up
+    for admission in held:  # each "failed at a site" after the sites answered
+        enclave.abort(admission, "failed", "site", "a site failed")
+    for year in range(2010, 2022):  # keep asking and aborting, epsilon 1 each
+        try:
+            admission = enclave.admit(pw.Count(where={"diagnosis_year": (year, year)}), 1.0, 5,
+                                      "hoarder", names)
+        except pw.QueryRefused as exc:
+            assert exc.rule == "unreleased_admissions"
+            break
+        enclave.abort(admission, "failed", "site.timeout", "a site failed")
+    else:
+        pytest.fail("unreleased admissions were never bounded")
+    assert fresh_fed.budget("hoarder").analyst_spent == 0  # site failures are never charged

@@ -329,3 +329,22 @@ def test_pages_of_one_dashboard_server_share_one_ledger(efed, tmp_path, monkeypa
 def test_write_config_needs_services(fed2, tmp_path):
     with pytest.raises(pw.ConfigError, match="services"):
         fed2.write_config(tmp_path / "f.toml")
+
+
+def test_the_launch_secret_is_read_once_and_gone(efed):
+    """The enclave proves itself to its verifier with a secret it read from a file that no
+    longer exists, and that is in no process's environment."""
+    import psutil
+
+    tree = psutil.Process(efed.enclave._process.pid).children(recursive=True)
+    kernel = next(p for p in tree if "ipykernel" in " ".join(p.cmdline()))
+    path = kernel.environ().get("PETS_VERIFIER_SECRET_FILE")
+    assert path and not os.path.exists(path)
+    assert "PETS_VERIFIER_SECRET" not in kernel.environ()
+
+
+def test_an_exact_fraction_epsilon_travels_to_the_enclave(efed):
+    from fractions import Fraction
+
+    release = efed.run(pw.Count(by=["sex"]), epsilon=Fraction(1, 7))
+    assert release.card.epsilon == pytest.approx(1 / 7)

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from typing import NoReturn
 
@@ -128,6 +129,11 @@ class OpenAdmissions:
             self._nonces.pop(admission.id, None)
             self._opened.pop(admission.id, None)
 
+    def count(self, analyst: str) -> int:
+        """How many admissions ``analyst`` has open."""
+        with self._lock:
+            return sum(a.analyst == analyst for a in self._open.values())
+
     def abandoned(self, seconds: float) -> list[Admission]:
         """Admissions open for longer than ``seconds``: their tokens have expired, so no
         site can answer them any more (a coordinator that admitted and vanished)."""
@@ -179,6 +185,10 @@ class OpenAdmissions:
         with self._lock:
             self._used.update(nonces.values())  # answered (or refused) once, for good
         return trusted, nonces
+
+
+#: The most queries one analyst may have admitted and not yet released at once.
+MAX_OPEN_ADMISSIONS = 8
 
 
 class Gatekeeper:
@@ -288,6 +298,31 @@ class Gatekeeper:
     def budget(self, analyst: str) -> Budget:
         """What ``analyst`` and the federation have spent and have left."""
         return self.ledger.budget(analyst, *self._limits())
+
+    def check_unreleased(self, query: QueryRecord, open_now: int) -> None:
+        """Refuse an analyst who holds too many open admissions, or whose admissions that
+        were never released (a site failed, or they were abandoned) asked for more than
+        their budget in the last day.
+
+        Why: a site charges its own lifetime epsilon when it answers, and an admission that
+        is never released costs the analyst nothing (a site's failure must not be charged
+        to the analyst), so without a bound one analyst could exhaust every site's lifetime
+        budget for free. This caps that at the analyst's own budget per day, with every
+        such query on the record in their name.
+        """
+        if open_now >= MAX_OPEN_ADMISSIONS:
+            self.refuse(query, QueryRefused(
+                "open_admissions", f"this analyst already has {open_now} queries admitted and "
+                f"not yet released; at most {MAX_OPEN_ADMISSIONS} may be open at once"))
+        since = (datetime.now(UTC) - timedelta(days=1)).isoformat(timespec="milliseconds")
+        wasted = self.ledger.unreleased(query.analyst, since)
+        limit = Fraction(str(self.policy.analyst_budget))
+        if wasted + query.charge > limit:
+            self.refuse(query, QueryRefused(
+                "unreleased_admissions", f"queries this analyst had admitted and never "
+                f"released asked for epsilon {float(wasted):g} in the last 24 hours; at most "
+                f"the analyst's budget ({float(limit):g}) a day may go unreleased (sites "
+                "charge their own budget when they answer)"))
 
     def check_budget(self, query: QueryRecord) -> None:
         """Refuse, before any site works, a query the budget cannot pay for."""

@@ -176,6 +176,7 @@ class Enclave:
             waiting.wait(InFlight.WAIT)
         try:
             self._gate.check_budget(query)
+            self._gate.check_unreleased(query, self._open.count(analyst))
             self._open.open(admission)
         except BaseException:
             self._inflight.done(admission.id)

@@ -399,6 +399,17 @@ class Ledger:
                 returned += 1
         return returned
 
+    def unreleased(self, analyst: str, since: str) -> Fraction:
+        """The epsilon ``analyst`` asked for, since ``since`` (ISO time), in queries that
+        were admitted and never released (a site failed, or the admission was abandoned):
+        sites may have charged their own lifetime epsilon for them."""
+        with self._connect() as con:
+            rows = con.execute(
+                "SELECT epsilon_asked FROM audit WHERE analyst = ? AND time >= ? AND outcome = "
+                "? AND (rule = 'abandoned' OR rule LIKE 'site%') AND epsilon_asked != ''",
+                (analyst, since, FAILED)).fetchall()
+        return sum((parse_fraction(e) for (e,) in rows), Fraction(0))
+
     # -- analysts -----------------------------------------------------------------------------
     def add_analyst(self, name: str) -> str:
         """A new token for analyst ``name`` (an operator's act, out of band); only its hash is

@@ -14,6 +14,7 @@ never a value or a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 from pets_widgets.core.budget import Budget
+from pets_widgets.core.deadline import DeadlineExceeded, deadline
 from pets_widgets.core.enclave_config import EnclaveConfiguration, load_enclave_config
 from pets_widgets.core.errors import (
     AttestationError,
@@ -46,11 +48,13 @@ from pets_widgets.enclave.enclave import Enclave
 
 #: The environment variable ``enclave serve`` sets to the configuration file's path.
 CONFIG_ENV = "PETS_ENCLAVE_CONFIG"
-#: Set by the platform verifier that launched this service.
-URL_ENV, SECRET_ENV = "PETS_VERIFIER_URL", "PETS_VERIFIER_SECRET"
+#: Set by the platform verifier that launched this service: its token service's URL, and
+#: the path of a file holding the launch secret (deleted once read).
+URL_ENV, SECRET_ENV = "PETS_VERIFIER_URL", "PETS_VERIFIER_SECRET_FILE"
 #: Audit columns an analyst sees of their own rows.
 AUDIT_COLUMNS = ("id", "time", "analyst", "spec_hash", "spec_json", "sites", "epsilon_asked",
                  "epsilon_spent", "outcome", "rule", "reason")
+FAILURE_RULE = re.compile(r"site(\.[a-z_]{1,40}){0,3}|integrity")
 ADMIT_KEYS = {"spec", "epsilon", "k", "nonces", "exact", "failed"}
 RELEASE_KEYS = {"admission", "aggregates", "summed", "failed"}
 
@@ -71,7 +75,7 @@ def boot() -> None:
         config = load_enclave_config(os.environ[CONFIG_ENV])
         _STATE["config"] = config
         _STATE["enclave"] = open_enclave(config, VerifierClient(os.environ[URL_ENV],
-                                                                os.environ[SECRET_ENV]))
+                                                                launch_secret()))
         _STATE["broken"] = None
     except KeyError:
         _STATE["broken"] = ("config", "start the enclave with python -m pets_widgets enclave "
@@ -85,6 +89,19 @@ def boot() -> None:
         _STATE["broken"] = ("trust.verifier", str(exc))
     except Exception as exc:  # never echo a foreign message
         _STATE["broken"] = ("internal", f"{type(exc).__name__} while starting the enclave")
+
+
+def launch_secret() -> str:
+    """The secret that proves to the verifier this is the enclave it launched: read once from
+    the file its launcher names (0600, in the launch's private folder) and deleted, so no
+    later reader of that folder, or of this process's environment, finds it."""
+    path = os.environ.pop(SECRET_ENV)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().strip()
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def open_enclave(config: EnclaveConfiguration, issuer: Any) -> Enclave:
@@ -174,7 +191,7 @@ def _status(enclave: Enclave, analyst: str, body: object) -> dict[str, Any]:
 
 def _epsilon(value: object) -> object:
     """Epsilon as sent: a JSON number, or an exact ``"numerator/denominator"``."""
-    if isinstance(value, str) and re.fullmatch(r"\d{1,30}/\d{1,30}", value):
+    if isinstance(value, str) and re.fullmatch(r"\d{1,9}/\d{1,9}", value):
         numerator, denominator = value.split("/")
         if int(denominator) > 0:
             return Fraction(int(numerator), int(denominator))
@@ -189,8 +206,8 @@ def _admit(enclave: Enclave, analyst: str, body: object) -> dict[str, Any]:
     failed = data.get("failed")
     if failed is not None:  # a site could not give its nonce: the query ends here
         rule, reason = _failure(failed)
-        enclave.record_failure(spec, data.get("epsilon", 1.0), analyst, enclave.schema.sites,
-                               rule, reason)
+        enclave.record_failure(spec, _epsilon(data.get("epsilon", 1.0)), analyst,
+                               enclave.schema.sites, rule, reason)
         return {"recorded": True}
     nonces = data.get("nonces")
     if (not isinstance(nonces, dict) or set(nonces) != set(enclave.schema.sites)
@@ -201,8 +218,8 @@ def _admit(enclave: Enclave, analyst: str, body: object) -> dict[str, Any]:
     if data.get("exact", False) is True:
         admitted: Admission | Release | None = enclave.admit_exact(spec, analyst, sites)
     else:
-        admitted = enclave.admit(spec, data.get("epsilon", 1.0), data.get("k", enclave.policy.k),
-                                 analyst, sites, wait=False)
+        admitted = enclave.admit(spec, _epsilon(data.get("epsilon", 1.0)),
+                                 data.get("k", enclave.policy.k), analyst, sites, wait=False)
     if admitted is None:
         return {"pending": True}
     if isinstance(admitted, Release):
@@ -247,10 +264,17 @@ def _release(enclave: Enclave, analyst: str, body: object) -> dict[str, Any]:
 
 
 def _failure(failed: object) -> tuple[str, str]:
-    """The rule and reason of a failure the coordinator reports (written to the audit log)."""
+    """The rule and reason of a failure the coordinator reports, fit for the audit log: a
+    site's rule (``site``, ``site.<rule>``) or ``integrity``, and a reason of printable text
+    (an operator reads it in a terminal)."""
     if not isinstance(failed, dict):
         raise QueryValidationError("failed", "must be {rule, reason}", ["rule", "reason"])
-    return str(failed.get("rule", "site"))[:200], str(failed.get("reason", ""))[:2000]
+    rule = str(failed.get("rule", "site"))
+    if not FAILURE_RULE.fullmatch(rule):
+        raise QueryValidationError("failed.rule", "is not a failure a coordinator reports",
+                                   "site, site.<rule> or integrity")
+    reason = "".join(c if c.isprintable() else " " for c in str(failed.get("reason", "")))
+    return rule, reason[:1000]
 
 
 def _object(body: object, allowed: set[str], required: set[str]) -> dict[str, Any]:
@@ -264,6 +288,7 @@ def _object(body: object, allowed: set[str], required: set[str]) -> dict[str, An
 # --------------------------------------------------------------------------- the frame
 _STATUS: tuple[tuple[type[BaseException], int, str], ...] = (
     (Unauthorized, 401, "token"),
+    (DeadlineExceeded, 504, "deadline"),
     (QueryValidationError, 400, "validation"),
     (QueryRefused, 403, "policy"),
     (AttestationError, 502, "trust.verifier"),
@@ -298,7 +323,8 @@ def _answer(request: str, route: Route) -> str:
                                "operator: python -m pets_widgets enclave add-analyst NAME)")
         if isinstance(body, str) and body:
             raise QueryValidationError("body", "must be JSON (Content-Type: application/json)")
-        result = route(enclave, analyst, body)
+        with deadline(config.service.deadline if config is not None else 60.0):
+            result = route(enclave, analyst, body)
         _STATE["reply"] = {"status": 200, "headers": {"Content-Type": "application/json"}}
         return json.dumps(result, allow_nan=False)
     except Exception as exc:

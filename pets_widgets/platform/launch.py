@@ -19,9 +19,11 @@ import hmac
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -35,9 +37,9 @@ from pets_widgets.core.policy import Policy
 from pets_widgets.platform.verifier import JWKS_FILE, LaunchedEnclave, PlatformVerifier
 
 #: The environment the enclave service is started with: where to ask for tokens, and the
-#: secret that proves it is the enclave this verifier launched.
+#: file holding the secret that proves it is the enclave this verifier launched.
 URL_ENV = "PETS_VERIFIER_URL"
-SECRET_ENV = "PETS_VERIFIER_SECRET"
+SECRET_ENV = "PETS_VERIFIER_SECRET_FILE"
 #: The largest token request the token service reads (one nonce per site of a study).
 MAX_TOKEN_REQUEST = 2**20
 
@@ -58,6 +60,8 @@ class TokenService:
             # Headers and body go out in separate writes: with Nagle's algorithm on, each
             # reply would wait for the client's delayed ACK (40 ms on Linux).
             disable_nagle_algorithm = True
+            # An idle or slow connection is dropped (each holds a thread).
+            timeout = 10
 
             def log_message(self, *args: Any) -> None:  # no request is logged
                 return
@@ -75,7 +79,10 @@ class TokenService:
                     return
                 if self.path != "/tokens":
                     return self._send(404, {"error": "no such route"})
-                size = int(self.headers.get("Content-Length") or 0)
+                try:
+                    size = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    size = -1
                 if not 0 < size <= MAX_TOKEN_REQUEST:
                     return self._send(413, {"error": "token request too large"})
                 try:
@@ -153,7 +160,14 @@ def serve(config_path: str, host: str = LOOPBACK, port: int | None = None,
     print(f"verifier jwks at {jwks} issuer {verifier.issuer} kid {verifier.kid}", flush=True)
     secret = secrets.token_hex(32)
     tokens = TokenService(launched, secret).start()
-    env = {**os.environ, URL_ENV: tokens.url, SECRET_ENV: secret,
+    # The secret reaches the enclave in a file of a private folder, which it deletes once
+    # read: not in its environment, where /proc/<pid>/environ would show it for good.
+    private = tempfile.mkdtemp(prefix="pets-launch-")
+    secret_file = os.path.join(private, "secret")
+    descriptor = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as fh:
+        fh.write(secret)
+    env = {**os.environ, URL_ENV: tokens.url, SECRET_ENV: secret_file,
            PARENT_ENV: str(os.getpid())}
     child = subprocess.Popen(
         [sys.executable, "-m", "pets_widgets.enclave.serve", "--config", str(config.path),
@@ -180,6 +194,7 @@ def serve(config_path: str, host: str = LOOPBACK, port: int | None = None,
         return child.wait()
     finally:
         tokens.stop()
+        shutil.rmtree(private, ignore_errors=True)
         if child.poll() is None:
             child.kill()
             child.wait(5)

@@ -15,15 +15,13 @@ field and its allowed values), never a value, a row number, a data column or a t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
+from pets_widgets.core.deadline import DeadlineExceeded, deadline
 from pets_widgets.core.errors import (
     AttestationError,
     ConfigError,
@@ -42,10 +40,6 @@ CONFIG_ENV = "PETS_SITE_CONFIG"
 
 _STATE: dict[str, Any] = {"site": None, "config": None, "broken": None,
                           "reply": {"status": 200}}
-
-
-class DeadlineExceeded(Exception):
-    """The site's own work on one request passed its ``[service] deadline``."""
 
 
 def boot() -> None:
@@ -126,7 +120,7 @@ def _status(site: Site, config: SiteConfiguration, body: object) -> dict[str, An
 
 def _aggregate(site: Site, config: SiteConfiguration, body: object) -> dict[str, Any]:
     request = AggregateRequest.from_body(body)
-    with _deadline(config.service.deadline):
+    with deadline(config.service.deadline):
         reply = site.respond(request)
     nonce, expires = site.next_nonce()
     return {"aggregate": reply.to_dict(), "nonce": nonce,
@@ -178,23 +172,3 @@ def _answer(request: str, route: Callable[[Site, SiteConfiguration, object], dic
 def _error(code: int, rule: str, message: str, error: str) -> str:
     _STATE["reply"] = {"status": code, "headers": {"Content-Type": "application/json"}}
     return json.dumps({"error": error, "rule": rule, "message": message[:2000]})
-
-
-@contextlib.contextmanager
-def _deadline(seconds: float) -> Iterator[None]:
-    """Interrupt the site's own work after ``seconds`` (SIGALRM; the kernel runs each cell
-    on its main thread). Elsewhere (another thread) the work simply runs to its end."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expire(signum: int, frame: object) -> None:
-        raise DeadlineExceeded(f"the site's work passed its deadline of {seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
