@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 
 import pets_widgets as pw
@@ -17,7 +18,13 @@ def test_crosstab_release_shape_display_and_card(fresh_fed):
     assert release.table.shape == release.suppressed.shape == (13, 5)
     assert release.suppressed.to_numpy().any()  # small cells exist in this small registry
     shown = release.display_table()
-    assert (shown.to_numpy()[release.suppressed.to_numpy()] == "<5").all()
+    status = release.cell_status.to_numpy()
+    hidden = release.suppressed.to_numpy()
+    assert ((status == "primary") | (status == "complementary"))[hidden].all()
+    assert not ((status == "primary") | (status == "complementary"))[~hidden].any()
+    # A primary cell reads "<5"; one hidden only to protect another reads "c" (it may be big).
+    assert (shown.to_numpy()[status == "primary"] == "<5").all()
+    assert (shown.to_numpy()[status == "complementary"] == "c").all()
     assert release.table.isna().to_numpy()[release.suppressed.to_numpy()].all()
     released = release.table.to_numpy(dtype=float, na_value=float("nan"))
     visible = ~release.suppressed.to_numpy()
@@ -70,3 +77,56 @@ def test_count_by_one_variable_has_no_margins(fresh_fed):
     assert release.card.margins == "none released"
     assert "secondary" not in release.card.suppression_rule
     assert isinstance(release.table, pd.DataFrame)
+
+
+def test_cell_status_tells_primary_complementary_and_structural_cells_apart(fresh_fed):
+    """Primary cells are exactly the hidden ones whose noisy value was below k (checked
+    with a seeded sampler, whose noisy values the test can see); complementary cells were
+    hidden only to protect them; structural zeros are shown as 0."""
+    from pets_widgets.enclave.pipeline.tables import _with_margins
+
+    class Recording:  # the seeded sampler, keeping the noise it drew
+        def __init__(self):
+            self.inner, self.drawn = pw.testing.seeded_sampler(11), []
+            self.name = self.inner.name
+
+        def sample(self, values, scale):
+            out = self.inner.sample(values, scale)
+            self.drawn.append(np.asarray(out) - np.asarray(values))
+            return out
+
+    spec = pw.Crosstab(rows="subtype", cols="tumour_group", where={"diagnosis_year": (2015,
+                                                                                     2016)})
+    recording = Recording()
+    with pw.testing.use_mechanism(fresh_fed, recording):
+        release = fresh_fed.run(spec, epsilon=0.5, analyst="status")
+    exact = pw.testing.noiseless(fresh_fed, spec)  # the canonical orientation's totals
+    block = spec.layout(fresh_fed.schema).blocks[0]
+    cells = exact.table.to_numpy(dtype=float)[:-1, :-1]
+    if block.dims[0].name != exact.spec.rows:
+        cells = cells.T
+    inner = np.maximum(cells.ravel() + recording.drawn[0], 0).reshape(block.shape)
+    if block.dims[0].name != spec.rows:
+        inner = inner.T
+    status = release.cell_status
+    inner[status.to_numpy()[:-1, :-1] == "structural"] = 0  # certain zeros carry no noise
+    noisy = _with_margins(inner)
+    assert status.shape == release.table.shape
+    assert set(np.unique(status.to_numpy())) <= {"shown", "primary", "complementary",
+                                                 "structural"}
+    structural = status.to_numpy() == "structural"
+    assert structural.any()  # a subtype outside its tumour group
+    assert (release.table.to_numpy(dtype=float, na_value=-1)[structural] == 0).all()
+    assert (release.display_table().to_numpy()[structural] == "0").all()
+    hidden = release.suppressed.to_numpy()
+    assert not (hidden & structural).any()
+    primary = status.to_numpy() == "primary"
+    assert primary.any() and (status.to_numpy() == "complementary").any()
+    np.testing.assert_array_equal(primary, hidden & (noisy < 5))  # below k: primary
+    # The repeat (stored release) and the transposed question keep the statuses.
+    again = fresh_fed.run(spec, epsilon=0.5, analyst="status")
+    assert again.card.repeated and again.cell_status.equals(status)
+    swapped = fresh_fed.run(pw.Crosstab(rows="tumour_group", cols="subtype",
+                                        where={"diagnosis_year": (2015, 2016)}), epsilon=0.5,
+                            analyst="status")
+    assert swapped.cell_status.equals(status.T)

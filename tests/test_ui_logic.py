@@ -167,8 +167,13 @@ def crosstab_release(fed):
 def test_table_html_marks_every_hidden_cell_and_shows_released_values(crosstab_release):
     rel = crosstab_release
     text = render.table_html(rel, schema=SCHEMA)
-    hidden = re.findall(r'<td class="[^"]*pw-hidden[^"]*">&lt;5</td>', text)
-    assert len(hidden) == int(rel.suppressed.to_numpy().sum()) > 0
+    status = rel.cell_status.to_numpy()
+    primary = re.findall(r'<td class="[^"]*pw-hidden[^"]*">&lt;5</td>', text)
+    complementary = re.findall(r'<td class="[^"]*pw-hidden pw-complementary[^"]*">c</td>',
+                               text)
+    assert len(primary) == int((status == "primary").sum()) > 0
+    assert len(complementary) == int((status == "complementary").sum())
+    assert len(primary) + len(complementary) == int(rel.suppressed.to_numpy().sum())
     shown = rel.table.to_numpy(dtype=float, na_value=np.nan)[~rel.suppressed.to_numpy()]
     for value in shown:
         assert f">{int(value)}<" in text

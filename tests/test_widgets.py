@@ -49,7 +49,9 @@ def test_crosstab_by_clicking_shows_values_hidden_cells_card_budget_and_download
     assert rel is not None and qb.error is None
     table = qb.table.value
     n_hidden = int(rel.suppressed.to_numpy().sum())
-    assert n_hidden > 0 and table.count("&lt;5</td>") == n_hidden
+    status = rel.cell_status.to_numpy()
+    assert n_hidden > 0 and table.count("&lt;5</td>") == int((status == "primary").sum())
+    assert table.count(">c</td>") == int((status == "complementary").sum())
     assert re.search(r'<td class="">\d+</td>', table)  # a released value
     assert "ε = 1" in qb.card.value and "k = 5" in qb.card.value
     assert "9</b> of 10" in qb.budget.value

@@ -22,6 +22,10 @@ from pets_widgets.core.query import QuerySpec
 TOTAL = "Total"
 
 
+#: How a cell hidden to protect another hidden cell is marked (statistical offices' "c").
+COMPLEMENTARY = "c"
+
+
 ALL = "All patients"
 
 
@@ -38,6 +42,20 @@ class Release:
     lower: pd.DataFrame
     upper: pd.DataFrame
     extras: dict[str, Any] = field(default_factory=dict)
+    #: Each cell's status (see :attr:`cell_status`); None: every hidden cell is primary.
+    status: pd.DataFrame | None = None
+
+    @property
+    def cell_status(self) -> pd.DataFrame:
+        """Same shape as :attr:`table`: ``"shown"``, ``"primary"`` (hidden: its noisy value
+        is below k), ``"complementary"`` (hidden so that another hidden cell cannot be
+        worked out from the totals: it may be large) or ``"structural"`` (a zero the data
+        dictionary makes certain, shown as 0)."""
+        if self.status is not None:
+            return self.status
+        hidden = self.suppressed.to_numpy(dtype=bool)
+        return pd.DataFrame(np.where(hidden, "primary", "shown").astype(object),
+                            index=self.table.index, columns=self.table.columns)
 
     def ordered(self, order: Sequence[str]) -> Release:
         """This release with its table's index levels in ``order`` (the user's order of
@@ -60,7 +78,8 @@ class Release:
 
         return dataclasses.replace(self, table=moved(self.table),
                                    suppressed=moved(self.suppressed),
-                                   lower=moved(self.lower), upper=moved(self.upper))
+                                   lower=moved(self.lower), upper=moved(self.upper),
+                                   status=None if self.status is None else moved(self.status))
 
     @property
     def curves(self) -> pd.DataFrame | None:
@@ -75,8 +94,11 @@ class Release:
         counts (a lifelines ``StatisticalResult``), or None."""
         return self.extras.get("logrank")
 
-    def display_table(self, hidden: str | None = None, intervals: bool = False) -> pd.DataFrame:
-        """The table as text, hidden cells shown as ``"<k"`` (``"<5"`` by default); with
+    def display_table(self, hidden: str | None = None, intervals: bool = False,
+                      complementary: str = COMPLEMENTARY) -> pd.DataFrame:
+        """The table as text: a primary hidden cell as ``"<k"`` (``"<5"`` by default), a
+        complementary one as ``"c"`` (it was hidden to protect another cell and may be
+        large: never read it as "fewer than 5"), structural zeros as 0; with
         ``intervals=True`` each value is followed by its 95% noise interval."""
         mark = hidden if hidden is not None else f"<{self.card.k}"
         shown = self.table.astype(object).map(format_number)
@@ -84,11 +106,15 @@ class Release:
             lo = self.lower.astype(object).map(format_number)
             hi = self.upper.astype(object).map(format_number)
             shown = shown + " (" + lo + "-" + hi + ")"
-        return shown.mask(self.suppressed.to_numpy(), mark)
+        status = self.cell_status.to_numpy()
+        return shown.mask(status == "primary", mark).mask(status == "complementary",
+                                                          complementary)
 
     def _repr_html_(self) -> str:
+        complementary = (f" {COMPLEMENTARY}: {_escape(COMPLEMENTARY_WHY)}"
+                         if (self.cell_status == "complementary").any().any() else "")
         legend = (f"<p><small>&lt;{self.card.k}: hidden: "
-                  f"{_escape(hidden_reason(self.spec.kind, self.card.k))} "
+                  f"{_escape(hidden_reason(self.spec.kind, self.card.k))}{complementary} "
                   f"{_escape(self.card.describe().splitlines()[0])}</small></p>")
         return self.display_table().to_html() + legend
 
@@ -137,9 +163,11 @@ def format_number(value: object) -> str:
 
 
 #: Why a value is hidden, by query kind ("" for the cell kinds); ``{k}`` is filled in.
+#: The legend's sentence for a complementary cell.
+COMPLEMENTARY_WHY = ("hidden to protect another hidden cell (it may hold many patients; it "
+                     "is not a small number).")
 HIDDEN_WHY = {
-    "": "its noisy value was below k={k}, or it was hidden so that another hidden cell "
-        "cannot be worked out from the totals.",
+    "": "its noisy value was below k={k}.",
     "mean": "fewer than k={k} patients (noisy count) in the group.",
     "survival": "the stratum has too few patients (noisy), or fewer than k={k} remain at "
                 "risk at that time.",

@@ -32,6 +32,7 @@ def release_to_dict(release: Release) -> dict[str, Any]:
                            "extras": _encode(release.extras)}
     for name in FRAMES:
         out[name] = frame_to_dict(getattr(release, name))
+    out["status"] = None if release.status is None else frame_to_dict(release.status)
     return out
 
 
@@ -45,9 +46,11 @@ def release_from_dict(data: Any) -> Release:
         card["notes"] = tuple(card["notes"])
         names = {f.name for f in fields(ParameterCard)}
         frames = {name: frame_from_dict(data[name]) for name in FRAMES}
+        status = data.get("status")
         return Release(spec=spec_from_dict(data["spec"]),
                        card=ParameterCard(**{k: v for k, v in card.items() if k in names}),
-                       extras=_decode(data["extras"]), **frames)
+                       extras=_decode(data["extras"]),
+                       status=None if status is None else frame_from_dict(status), **frames)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise IntegrityError(f"not a release ({type(exc).__name__})") from None
 

@@ -50,7 +50,8 @@ def oriented(release: Release, spec: QuerySpec) -> Release:
             and (stored.rows, stored.cols) == (spec.cols, spec.rows) and spec.rows != spec.cols):
         return replace(release, spec=spec, table=release.table.T,
                        suppressed=release.suppressed.T, lower=release.lower.T,
-                       upper=release.upper.T)
+                       upper=release.upper.T,
+                       status=None if release.status is None else release.status.T)
     return replace(release, spec=spec)
 
 

@@ -33,7 +33,14 @@ from pets_widgets.core.errors import (
     SiteError,
 )
 from pets_widgets.core.query import spec_from_json
-from pets_widgets.core.release import TOTAL, Release, format_number, hidden_reason
+from pets_widgets.core.release import (
+    COMPLEMENTARY,
+    COMPLEMENTARY_WHY,
+    TOTAL,
+    Release,
+    format_number,
+    hidden_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +108,8 @@ def _is_total(label: object) -> bool:
 
 def table_html(release: Release, intervals: bool | None = None,
                schema: S.Schema | None = None) -> str:
-    """The released table: hidden cells as ``<k`` (class ``pw-hidden``), totals in bold, and
+    """The released table: primary hidden cells as ``<k`` (class ``pw-hidden``),
+    complementary ones as ``c`` (classes ``pw-hidden pw-complementary``), totals in bold, and
     95% intervals after each value for estimates (or for every kind with ``intervals=True``).
     """
     if intervals is None:
@@ -109,6 +117,7 @@ def table_html(release: Release, intervals: bool | None = None,
     mark = f"&lt;{release.card.k}"
     table = release.table
     hidden = release.suppressed.reindex_like(table).fillna(False).to_numpy(dtype=bool)
+    complementary = (release.cell_status.reindex_like(table) == "complementary").to_numpy()
     lower = release.lower.reindex_like(table)
     upper = release.upper.reindex_like(table)
     index_names = [_label(schema, n) for n in table.index.names]
@@ -132,7 +141,10 @@ def table_html(release: Release, intervals: bool | None = None,
             classes = []
             if row_total or _is_total(col):
                 classes.append("pw-total")
-            if hidden[i, j]:
+            if hidden[i, j] and complementary[i, j]:
+                classes += ["pw-hidden", "pw-complementary"]
+                text = COMPLEMENTARY
+            elif hidden[i, j]:
                 classes.append("pw-hidden")
                 text = mark
             else:
@@ -151,10 +163,15 @@ def _th(col: object) -> str:
 def legend_html(release: Release, intervals: bool | None = None) -> str:
     """What ``<k``, bold totals and the bracketed intervals mean."""
     k = release.card.k
-    n_hidden = int(np.asarray(release.suppressed, dtype=bool).sum())
+    status = release.cell_status.to_numpy()
+    n_primary = int((status == "primary").sum())
+    n_complementary = int((status == "complementary").sum())
     why = hidden_reason(release.spec.kind, k)
-    parts = [f"<b>&lt;{k}</b>: hidden ({n_hidden} value{'s' if n_hidden != 1 else ''} here): "
-             f"{why}"]
+    parts = [f"<b>&lt;{k}</b>: hidden ({n_primary} value{'s' if n_primary != 1 else ''} "
+             f"here): {why}"]
+    if n_complementary:
+        parts.append(f"<b>{COMPLEMENTARY}</b>: {esc(COMPLEMENTARY_WHY)} ({n_complementary} "
+                     f"value{'s' if n_complementary != 1 else ''} here)")
     if TOTAL in _all_labels(release.table):
         parts.append("<b>Total</b>: sums of the released noisy cells (no extra budget).")
     if intervals or (intervals is None and release.spec.kind in INTERVAL_KINDS):

@@ -166,4 +166,4 @@ def build_release(spec: QuerySpec, schema: S.Schema, layout: Layout, noisy: Nois
                           mechanism=mechanism, sites=sites, analyst=analyst,
                           repeated=repeated, suppress=suppress, notes=notes)
     return Release(spec, tables.table, tables.suppressed, card, tables.lower, tables.upper,
-                   tables.extras)
+                   tables.extras, status=tables.status)

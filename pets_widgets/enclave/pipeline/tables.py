@@ -54,6 +54,9 @@ class Tables:
     notes: tuple[str, ...] = ()
     #: The kind's own suppression rule for the card, when it is not the cell rule.
     suppression: str = ""
+    #: Each cell's status ("shown", "primary", "complementary", "structural"); None: every
+    #: hidden cell is a primary one (kinds without complementary suppression).
+    status: pd.DataFrame | None = None
 
 
 def _index(dims: tuple[str, ...], schema: S.Schema) -> pd.Index:
@@ -135,17 +138,20 @@ def _structural_2d(impossible: np.ndarray) -> np.ndarray:
 
 
 def _protected_2d(cells: np.ndarray, k: int, protection: int, suppress: bool,
-                  impossible: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The table with margins, its hidden cells and its structural zeros. Structural zeros
-    are published (they are public knowledge), so they are never hidden, and they enter the
+                  impossible: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The table with margins, its hidden cells, its structural zeros and its primary
+    (below k) hidden cells; the others hidden are complementary. Structural zeros are
+    published (they are public knowledge), so they are never hidden, and they enter the
     attacker's linear programme as the known zeros they are."""
     table = _with_margins(cells)
     structural = _structural_2d(impossible)
     if not suppress:
-        return table, np.zeros(table.shape, dtype=bool), structural
-    hidden = primary_suppression(table, k) & ~structural
-    hidden = secondary_suppression(table, hidden, protection, published=structural)
-    return table, hidden, structural
+        nothing = np.zeros(table.shape, dtype=bool)
+        return table, nothing, structural, nothing
+    primary = primary_suppression(table, k) & ~structural
+    hidden = secondary_suppression(table, primary, protection, published=structural)
+    return table, hidden, structural, primary
 
 
 Builder = Callable[..., Tables]
@@ -172,8 +178,8 @@ def _count_two_way(spec: Count, schema: S.Schema, block: Block, cells: np.ndarra
                    noisy: NoisyBlocks, k: int, protection: int, suppress: bool) -> Tables:
     a, b = spec.by
     grid = cells.reshape(block.shape)
-    table2, hidden2, exact = _protected_2d(grid, k, protection, suppress,
-                                           noisy.impossible("count").reshape(block.shape))
+    table2, hidden2, exact, primary = _protected_2d(
+        grid, k, protection, suppress, noisy.impossible("count").reshape(block.shape))
     lo, hi = _margin_bounds(table2, noisy.scales["count"], noisy.intervals["count"])
     rows = [*schema[a].values, TOTAL]
     cols = [*schema[b].values, TOTAL]
@@ -182,7 +188,8 @@ def _count_two_way(spec: Count, schema: S.Schema, block: Block, cells: np.ndarra
     table = pd.DataFrame({"count": pd.array(flat, dtype="Int64")}, index=index)
     return _finish(table, hidden2.ravel(), lo.ravel(), hi.ravel(), margins=MARGINS_DERIVED,
                    postprocessing=CLAMPED + STRUCTURAL + "; complementary suppression so "
-                   "hidden cells cannot be recovered from the totals", exact=exact.ravel())
+                   "hidden cells cannot be recovered from the totals", exact=exact.ravel(),
+                   primary=primary.ravel())
 
 
 def build_crosstab(spec: Crosstab, schema: S.Schema, layout: Layout, noisy: NoisyBlocks, k: int,
@@ -191,17 +198,19 @@ def build_crosstab(spec: Crosstab, schema: S.Schema, layout: Layout, noisy: Nois
     grid = np.maximum(noisy.values["count"], 0).reshape(block.shape)
     # Suppression is decided in the canonical (layout) orientation, then the table is
     # transposed for display: asking with rows and columns swapped shows the same hidden cells.
-    table2, hidden2, exact = _protected_2d(grid, k, protection, suppress,
-                                           noisy.impossible("count").reshape(block.shape))
+    table2, hidden2, exact, primary = _protected_2d(
+        grid, k, protection, suppress, noisy.impossible("count").reshape(block.shape))
     lo, hi = _margin_bounds(table2, noisy.scales["count"], noisy.intervals["count"])
     if block.dims[0].name != spec.rows:
-        table2, hidden2, lo, hi, exact = table2.T, hidden2.T, lo.T, hi.T, exact.T
+        table2, hidden2, lo, hi, exact, primary = (table2.T, hidden2.T, lo.T, hi.T, exact.T,
+                                                   primary.T)
     index = pd.Index([*schema[spec.rows].values, TOTAL], name=spec.rows)
     columns = pd.Index([*schema[spec.cols].values, TOTAL], name=spec.cols)
     table = pd.DataFrame(table2, index=index, columns=columns).astype("Int64")
     return _finish(table, hidden2, lo, hi, margins=MARGINS_DERIVED,
                    postprocessing=CLAMPED + STRUCTURAL + "; complementary suppression so "
-                   "hidden cells cannot be recovered from the totals", exact=exact)
+                   "hidden cells cannot be recovered from the totals", exact=exact,
+                   primary=primary)
 
 
 def build_histogram(spec: Histogram, schema: S.Schema, layout: Layout, noisy: NoisyBlocks,
@@ -251,9 +260,26 @@ def build_mean(spec: Mean, schema: S.Schema, layout: Layout, noisy: NoisyBlocks,
                                   f"is below {k}; interval is the joint 95% noise interval"))
 
 
+def cell_status(hidden: np.ndarray, primary: np.ndarray | None = None,
+                structural: np.ndarray | None = None) -> np.ndarray:
+    """Each cell's status: ``primary`` (hidden: its noisy value is below k),
+    ``complementary`` (hidden to protect another hidden cell), ``structural`` (a zero the
+    dictionary's rules make certain, shown as 0) or ``shown``. Without ``primary`` every
+    hidden cell is a primary one."""
+    hidden = np.asarray(hidden, dtype=bool)
+    primary = hidden if primary is None else np.asarray(primary, dtype=bool).reshape(hidden.shape)
+    status = np.full(hidden.shape, "shown", dtype=object)
+    if structural is not None:
+        status[np.asarray(structural, dtype=bool).reshape(hidden.shape) & ~hidden] = \
+            "structural"
+    status[hidden & primary] = "primary"
+    status[hidden & ~primary] = "complementary"
+    return status
+
+
 def _finish(table: pd.DataFrame, hidden: np.ndarray, lo: np.ndarray, hi: np.ndarray, *,
             margins: str, postprocessing: str, extras: dict[str, Any] | None = None,
-            exact: np.ndarray | None = None) -> Tables:
+            exact: np.ndarray | None = None, primary: np.ndarray | None = None) -> Tables:
     hidden = np.asarray(hidden, dtype=bool).reshape(table.shape)
     if exact is not None and np.asarray(exact).any():  # structural zeros carry no noise
         known = np.asarray(exact, dtype=bool).reshape(table.shape)
@@ -263,7 +289,11 @@ def _finish(table: pd.DataFrame, hidden: np.ndarray, lo: np.ndarray, hi: np.ndar
     lower, upper = (pd.DataFrame(np.where(hidden, np.nan, np.asarray(bound, float)
                                           .reshape(table.shape)),
                                  index=table.index, columns=table.columns) for bound in (lo, hi))
-    return Tables(table.mask(mask), mask, lower, upper, margins, postprocessing, extras or {})
+    status = pd.DataFrame(cell_status(hidden, primary, None if exact is None else
+                                      np.asarray(exact, dtype=bool).reshape(table.shape)),
+                          index=table.index, columns=table.columns)
+    return Tables(table.mask(mask), mask, lower, upper, margins, postprocessing, extras or {},
+                  status=status)
 
 
 #: The builders of this module by query kind (survival and incidence have their own modules;
