@@ -424,6 +424,7 @@ def test_site_services_of_a_killed_coordinator_stop_by_themselves():
 
 # --------------------------------------------------------------------------- endurance
 def test_200_mixed_queries_leave_the_services_answering_and_memory_steady(sfed2):
+    from pets_widgets.coordinator.enclaves import Receipt
     from pets_widgets.core.wire import AggregateRequest, new_nonce
 
     from .kernel_helpers import rss_mb
@@ -433,11 +434,11 @@ def test_200_mixed_queries_leave_the_services_answering_and_memory_steady(sfed2)
     kernels += [p.pid for p in psutil.Process(sfed2.enclave._process.pid).children(
         recursive=True) if "ipykernel" in " ".join(p.cmdline())]  # the enclave's kernel
 
-    def stale_request(spec: pw.QuerySpec) -> AggregateRequest:
+    def stale_request(spec: pw.QuerySpec) -> tuple[AggregateRequest, Receipt]:
         receipt = sfed2._port.admit_exact(spec, "t", names,
                                           lambda: {n: new_nonce() for n in names})
         return AggregateRequest(receipt.spec, receipt.tokens[names[0]], receipt.public_key,
-                                receipt.packing)
+                                receipt.packing), receipt
 
     def one(i: int) -> None:
         spec = SPECS[i % len(SPECS)]
@@ -451,8 +452,10 @@ def test_200_mixed_queries_leave_the_services_answering_and_memory_steady(sfed2)
             with pytest.raises(pw.QueryRefused):
                 sfed2.run(spec, k=1)
         elif kind == 3:  # a token for a nonce the site never issued: refused there
+            request, receipt = stale_request(spec)
             with pytest.raises(SiteAttestationError):
-                sites[i % 2].respond(stale_request(spec))
+                sites[i % 2].respond(request)
+            sfed2._port.abort(receipt, "site.trust", "refused by the site")  # as fed.run does
         else:  # a request the site's own validation rejects
             with pytest.raises(pw.SiteError, match="rejected the request"):
                 sites[i % 2]._call("POST", "/aggregate", {"admission": {"spec": {

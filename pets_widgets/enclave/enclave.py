@@ -230,8 +230,11 @@ class Enclave:
         return self._attestation.tokens(admission, nonces, self.public_key.n, self.policy)
 
     def abort(self, admission: Admission, outcome: str, rule: str, reason: str) -> None:
-        """Record a query that failed before any budget was reserved (nothing spent)."""
+        """Record a query that failed before any budget was reserved (nothing spent). The
+        exact door's admissions are written as test use, whatever the outcome."""
         self._open.close(admission)
+        if admission.id in self._exact:
+            outcome = audit.TEST
         self._exact.discard(admission.id)
         self._inflight.done(admission.id)
         self.ledger.record(admission.record, outcome, rule=rule, reason=reason)
