@@ -48,8 +48,7 @@ def test_export_csv_and_json(fresh_fed):
                                          where={"tumour_group": ["Retinoblastoma"]}))
     csv = release.to_csv()
     assert csv.splitlines()[0].startswith("age_at_diagnosis")
-    if release.suppressed.to_numpy().any():
-        assert "<5" in csv
+    assert "<5" not in csv  # numbers only: hidden cells are empty, with their status
     data = json.loads(release.to_json())
     assert spec_from_dict(data["spec"]) == release.spec
     assert data["card"]["spec_hash"] == release.spec.hash
@@ -130,3 +129,33 @@ def test_cell_status_tells_primary_complementary_and_structural_cells_apart(fres
                                         where={"diagnosis_year": (2015, 2016)}), epsilon=0.5,
                             analyst="status")
     assert swapped.cell_status.equals(status.T)
+
+
+def test_the_csv_reads_as_numbers_with_a_status_column_and_a_sidecar(fresh_fed, tmp_path):
+    spec = pw.Crosstab(rows="tumour_group", cols="age_band", where={"sex": ["F"]})
+    release = fresh_fed.run(spec, analyst="csv")
+    path = tmp_path / f"{release.file_stem()}.csv"
+    assert path.name.startswith("crosstab_tumour-group_by_age-band_20")
+    release.to_csv(path)
+    table = pd.read_csv(path)
+    assert list(table.columns) == ["tumour_group", "age_band", "value", "lower", "upper",
+                                   "status"]
+    assert all(str(table[c].dtype) == "float64" for c in ("value", "lower", "upper"))
+    status = release.cell_status.to_numpy().ravel()
+    assert list(table.status) == list(status)
+    hidden = table.status.isin(["primary", "complementary"])
+    assert table.value[hidden].isna().all() and table.lower[hidden].isna().all()
+    shown = release.table.to_numpy(dtype=float, na_value=np.nan).ravel()
+    np.testing.assert_array_equal(table.value.to_numpy(), shown)
+    sidecar = json.loads(path.with_name(path.name + ".json").read_text())
+    assert sidecar["spec_hash"] == spec.hash and sidecar["k"] == 5
+    assert spec_from_dict(sidecar["spec"]) == release.spec
+    assert sidecar["filters"] == {"sex": ["F"]} and "complementary" in sidecar["statuses"]
+
+
+def test_a_survival_csv_carries_the_curves(fresh_fed, tmp_path):
+    release = fresh_fed.run(pw.Survival(by="sex"), epsilon=0.5, analyst="csv")
+    path = tmp_path / f"{release.file_stem()}.csv"
+    release.to_csv(path)
+    curves = pd.read_csv(tmp_path / f"{release.file_stem()}.curves.csv", index_col=0)
+    assert len(curves) == len(release.curves) and "survival:F" in curves.columns

@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -122,9 +124,82 @@ class Release:
         return (f"Release({self.spec.describe()})\n{self.display_table().to_string()}\n"
                 f"{self.card.describe()}")
 
-    def to_csv(self) -> str:
-        """The released table as CSV, hidden cells as ``<k``, ready to download."""
-        return self.display_table().to_csv()
+    def tidy(self) -> pd.DataFrame:
+        """The release as one row per cell, for R, Stata and Excel: the table's index
+        levels, its column (named as the table's columns are, else ``measure``), ``value`` (a number; empty when hidden), ``lower``
+        and ``upper`` (the 95% interval; empty when hidden) and ``status`` (``shown``,
+        ``primary``, ``complementary`` or ``structural``)."""
+        names = [n or "group" for n in self.table.index.names]
+        measure = self.table.columns.name or "measure"
+        long: dict[str, list[Any]] = {name: [] for name in [*names, measure, "value", "lower",
+                                                            "upper", "status"]}
+        status = self.cell_status
+        for i, label in enumerate(self.table.index):
+            labels = label if isinstance(label, tuple) else (label,)
+            for j, column in enumerate(self.table.columns):
+                for name, level in zip(names, labels, strict=True):
+                    long[name].append(level)
+                long[measure].append(column)
+                for key, frame in (("value", self.table), ("lower", self.lower),
+                                   ("upper", self.upper)):
+                    v = frame.iat[i, j]
+                    long[key].append(None if v is None or v is pd.NA or (
+                        isinstance(v, float) and math.isnan(v)) else float(v))
+                long["status"].append(status.iat[i, j])
+        out = pd.DataFrame(long)
+        for key in ("value", "lower", "upper"):
+            out[key] = pd.to_numeric(out[key])
+        return out
+
+    def metadata(self) -> dict[str, Any]:
+        """What a CSV of this release needs beside it to be read and reproduced: the
+        question in words and as a spec (with its hash), epsilon, k, what each status
+        means, and the parameter card."""
+        return {
+            "question": self.spec.describe(), "spec": self.spec.to_dict(),
+            "spec_hash": self.card.spec_hash, "epsilon": self.card.epsilon, "k": self.card.k,
+            "filters": {name: list(values) for name, values in self.spec.where.items()},
+            "statuses": {"shown": "released (noisy) value",
+                         "primary": f"hidden: its noisy value was below k={self.card.k}",
+                         "complementary": COMPLEMENTARY_WHY,
+                         "structural": "a zero the data dictionary makes certain"},
+            "card": self.card.to_dict(),
+        }
+
+    def file_stem(self, day: str | None = None) -> str:
+        """A file name that says what the release is, e.g.
+        ``crosstab_tumour-group_by_age-band_2026-12-03``."""
+        spec = self.spec
+        parts: list[str] = []
+        for name in ("rows", "cols", "variable", "by"):
+            value = getattr(spec, name, None)
+            if isinstance(value, str) and value:
+                parts.append(value)
+            elif isinstance(value, (tuple, list)):
+                parts.extend(str(v) for v in value)
+        words = "_by_".join(p.replace("_", "-") for p in parts)
+        day = day or self.card.time[:10] or "undated"
+        return "_".join(x for x in (spec.kind, words, day) if x)
+
+    def to_csv(self, path: str | os.PathLike[str] | None = None) -> str:
+        """The release as a tidy CSV (see :meth:`tidy`): numbers as numbers, hidden cells
+        empty with their status beside them. With ``path``, the CSV is written there with
+        a sidecar ``path + ".json"`` (:meth:`metadata`: the question, epsilon, k, the spec
+        and its hash, the card), and a survival release's curves beside it
+        (``<stem>.curves.csv``). Returns the CSV text."""
+        text = self.tidy().to_csv(index=False)
+        if path is not None:
+            target = Path(path)
+            target.write_text(text, encoding="utf-8")
+            Path(f"{target}.json").write_text(
+                json.dumps(self.metadata(), indent=1, default=str, allow_nan=False) + "\n",
+                encoding="utf-8")
+            if self.curves is not None:
+                stem = target.with_suffix("") if target.suffix == ".csv" else target
+                curves = self.curves.copy()
+                curves.columns = [f"{q}:{s}" for q, s in curves.columns]
+                curves.to_csv(f"{stem}.curves.csv")
+        return text
 
     def to_json(self) -> str:
         """Spec, card and released table (and curves, for survival): enough to reproduce and

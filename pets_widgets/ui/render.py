@@ -248,9 +248,10 @@ def _data_uri(text: str, mime: str) -> str:
 
 
 def download_html(release: Release) -> str:
-    """Download links: the released table as CSV (hidden cells as ``<k``), and the spec with
-    its parameter card as JSON, enough to reproduce and review the release."""
-    stem = f"pets-{release.spec.kind}-{release.card.spec_hash[:8]}"
+    """Download links: the release as a tidy CSV (numbers as numbers, hidden cells empty with
+    their status beside them), and the spec with its parameter card as JSON, enough to
+    reproduce and review the release; file names say what the release is."""
+    stem = release.file_stem()
     csv_uri = _data_uri(release.to_csv(), "text/csv")
     json_uri = _data_uri(release.to_json(), "application/json")
     return (f'<div class="pw-downloads"><a class="pw-download pw-download-csv" '
