@@ -126,9 +126,10 @@ class Release:
 
     def tidy(self) -> pd.DataFrame:
         """The release as one row per cell, for R, Stata and Excel: the table's index
-        levels, its column (named as the table's columns are, else ``measure``), ``value`` (a number; empty when hidden), ``lower``
-        and ``upper`` (the 95% interval; empty when hidden) and ``status`` (``shown``,
-        ``primary``, ``complementary`` or ``structural``)."""
+        levels, its column (named as the table's columns are, else ``measure``), ``value``
+        (a number; empty when hidden), ``lower`` and ``upper`` (the 95% interval; empty when
+        hidden) and ``status`` (``shown``, ``primary``, ``complementary`` or
+        ``structural``)."""
         names = [n or "group" for n in self.table.index.names]
         measure = self.table.columns.name or "measure"
         long: dict[str, list[Any]] = {name: [] for name in [*names, measure, "value", "lower",
@@ -200,6 +201,53 @@ class Release:
                 curves.columns = [f"{q}:{s}" for q, s in curves.columns]
                 curves.to_csv(f"{stem}.curves.csv")
         return text
+
+    def to_notebook(self, path: str | os.PathLike[str],
+                    federation: str | os.PathLike[str] | None = None) -> Path:
+        """Write a small notebook at ``path`` (and the same code at ``path`` with ``.py``)
+        that rebuilds this release's spec and runs it at the same epsilon and k against
+        the federation file ``federation`` (default: ``$PETS_SITES_CONFIG`` when set, as in
+        the dashboard's kernels; else the synthetic demo). Run against the same federation
+        it returns the stored release and spends nothing. Returns the notebook's path."""
+        config = os.fspath(federation) if federation is not None else os.environ.get(
+            "PETS_SITES_CONFIG")
+        where = (f"fed = pw.Federation.from_config({config!r})" if config else
+                 "fed = pw.demo_federation(seed=7)  # the synthetic demo (no file was given)")
+        cells = [
+            "import pets_widgets as pw\n\n" + where,
+            f"spec = pw.spec_from_json({self.spec.to_json()!r})\n"
+            f"release = fed.run(spec, epsilon={self.card.epsilon!r}, k={self.card.k!r})\n"
+            "release.display_table()",
+            "print(release.card.describe())\n"
+            "print('stored release, nothing spent:' if release.card.repeated else "
+            "'a new release:', release.card.spec_hash)",
+        ]
+        intro = (f"# {self.spec.describe()}\n\nRebuilds the query of a pets_widgets release "
+                 f"(spec hash `{self.card.spec_hash}`, epsilon {self.card.epsilon:g}, "
+                 f"k = {self.card.k}). Against the same federation it returns the stored "
+                 "release and spends no budget.")
+        def cell(kind: str, text: str, n: int) -> dict[str, Any]:
+            lines = text.split("\n")
+            out: dict[str, Any] = {"cell_type": kind, "id": f"pets-{n}", "metadata": {},
+                                   "source": [line + "\n" for line in lines[:-1]] + lines[-1:]}
+            if kind == "code":
+                out.update(execution_count=None, outputs=[])
+            return out
+
+        notebook = {"cells": [cell("markdown", intro, 0),
+                              *(cell("code", c, i + 1) for i, c in enumerate(cells))],
+                    "metadata": {"kernelspec": {"display_name": "Python 3",
+                                                "language": "python", "name": "python3"},
+                                 "language_info": {"name": "python"}},
+                    "nbformat": 4, "nbformat_minor": 5}
+        target = Path(path)
+        target.write_text(json.dumps(notebook, indent=1) + "\n", encoding="utf-8")
+        target.with_suffix(".py").write_text(
+            f'"""{self.spec.describe()}: rebuilt from a pets_widgets release."""\n\n'
+            + "\n\n".join(cells).replace("release.display_table()",
+                                           "print(release.display_table())") + "\n",
+            encoding="utf-8")
+        return target
 
     def to_json(self) -> str:
         """Spec, card and released table (and curves, for survival): enough to reproduce and
