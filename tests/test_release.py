@@ -159,3 +159,41 @@ def test_a_survival_csv_carries_the_curves(fresh_fed, tmp_path):
     release.to_csv(path)
     curves = pd.read_csv(tmp_path / f"{release.file_stem()}.curves.csv", index_col=0)
     assert len(curves) == len(release.curves) and "survival:F" in curves.columns
+
+
+def test_a_release_rebuilds_as_a_notebook_that_spends_nothing_when_run_again(tmp_path):
+    """The download a researcher keeps: run against the same federation file, the notebook
+    (here its .py twin, executed in a fresh interpreter) returns the stored release."""
+    import subprocess
+    import sys
+    import textwrap
+
+    config = tmp_path / "sites.toml"
+    config.write_text(textwrap.dedent("""
+        [federation]
+        key_bits = 1024
+        ledger = "ledger.sqlite"
+        [[sites]]
+        name = "NDRS"
+        backend = "local"
+        source = { kind = "synthetic", seed = 7, size = 2000 }
+        [[sites]]
+        name = "NCI"
+        backend = "local"
+        source = { kind = "synthetic", seed = 7, size = 2000 }
+        """))
+    fed = pw.Federation.from_config(config)
+    spec = pw.Crosstab(rows="age_band", cols="sex", where={"tumour_group": ["Leukaemia"]})
+    release = fed.run(spec, epsilon=0.5)
+    notebook = release.to_notebook(tmp_path / "again.ipynb", federation=config)
+    cells = json.loads(notebook.read_text())["cells"]
+    assert [c["cell_type"] for c in cells] == ["markdown", "code", "code", "code"]
+    assert all(c["outputs"] == [] for c in cells if c["cell_type"] == "code")
+    spent = fed.budget().analyst_spent
+    fed.close()
+    done = subprocess.run([sys.executable, str(notebook.with_suffix(".py"))],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stored release, nothing spent" in done.stdout
+    again = pw.Federation.from_config(config)
+    assert again.budget().analyst_spent == spent

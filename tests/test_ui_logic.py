@@ -4,6 +4,7 @@ epsilon explorer's simulation (explore). No ipywidgets here."""
 from __future__ import annotations
 
 import base64
+import json
 import math
 import re
 import subprocess
@@ -328,3 +329,12 @@ def test_a_card_rule_changed_in_one_place_shows_in_a_release_and_a_simulation(
         assert f"secondary: within {fed.policy.protection}" in released.card.suppression_rule
     assert released.card.postprocessing == simulated.card.postprocessing
     assert released.card.components == simulated.card.components
+
+
+def test_the_download_notebook_rebuilds_the_same_question(crosstab_release):
+    text = render.download_html(crosstab_release)
+    nb_b64 = re.search(r'download="[^"]+\.ipynb" href="data:application/x-ipynb\+json;'
+                       r'charset=utf-8;base64,([^"]+)"', text).group(1)
+    notebook = json.loads(base64.b64decode(nb_b64).decode())
+    code = "".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
+    assert crosstab_release.spec.to_json() in code and "fed.run(spec" in code

@@ -14,8 +14,10 @@ import io
 import logging
 import math
 import sys
+import tempfile
 from collections.abc import Mapping
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -254,10 +256,15 @@ def download_html(release: Release) -> str:
     stem = release.file_stem()
     csv_uri = _data_uri(release.to_csv(), "text/csv")
     json_uri = _data_uri(release.to_json(), "application/json")
+    with tempfile.TemporaryDirectory() as folder:
+        notebook = release.to_notebook(Path(folder) / f"{stem}.ipynb")
+        nb_uri = _data_uri(notebook.read_text(encoding="utf-8"), "application/x-ipynb+json")
     return (f'<div class="pw-downloads"><a class="pw-download pw-download-csv" '
             f'download="{stem}.csv" href="{csv_uri}">Download table (CSV)</a>'
             f'<a class="pw-download pw-download-json" download="{stem}.json" '
-            f'href="{json_uri}">Download spec and card (JSON)</a></div>')
+            f'href="{json_uri}">Download spec and card (JSON)</a>'
+            f'<a class="pw-download pw-download-notebook" download="{stem}.ipynb" '
+            f'href="{nb_uri}">Download a notebook that reruns it (free)</a></div>')
 
 
 # --------------------------------------------------------------------------- plots
