@@ -49,8 +49,10 @@ from pets_widgets.core.tomlfile import (
     config_path,
     known,
     read_toml,
+    service_limits,
     site_names,
     table,
+    tls_files,
     toml_literal,
 )
 
@@ -147,25 +149,11 @@ def _policy(data: Mapping[str, Any], label: str) -> Policy:
 
 def _service(data: Mapping[str, Any], base: Path, label: str) -> EnclaveService:
     known(data, SERVICE_KEYS, label, "[service]")
-    files = {key: None if data.get(key) is None
-             else config_path(data[key], f"service.{key}", base, label)
-             for key in ("certfile", "keyfile", "client_ca")}
-    if (files["certfile"] is None) != (files["keyfile"] is None):
-        raise ConfigError(f"{label}: service.certfile and service.keyfile go together (TLS)")
-    if files["client_ca"] is not None and files["certfile"] is None:
-        raise ConfigError(f"{label}: service.client_ca needs TLS (certfile and keyfile)")
+    files = tls_files(data, base, label)
     default = EnclaveService()
-    max_body = data.get("max_body", default.max_body)
-    if isinstance(max_body, bool) or not isinstance(max_body, int) or not (
-            2**10 <= max_body <= 2**30):
-        raise ConfigError(f"{label}: service.max_body must be bytes, from 1024 to 2**30")
-    deadline = data.get("deadline", default.deadline)
-    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not (
-            0 < deadline <= 3600):
-        raise ConfigError(f"{label}: service.deadline must be seconds, more than 0 and at "
-                          "most 3600")
+    deadline, max_body = service_limits(data, label, default.deadline, default.max_body)
     return EnclaveService(files["certfile"], files["keyfile"], files["client_ca"], max_body,
-                          float(deadline))
+                          deadline)
 
 
 def write_enclave_config(folder: str | os.PathLike[str], *, sites: Sequence[str],

@@ -76,6 +76,34 @@ def config_path(value: object, key: str, base: Path, label: str) -> Path:
     return resolved
 
 
+def tls_files(data: Mapping[str, Any], base: Path, label: str) -> dict[str, Path | None]:
+    """A ``[service]`` table's ``certfile``, ``keyfile`` (TLS, together) and ``client_ca``
+    (mutual TLS, which needs TLS)."""
+    files = {key: None if data.get(key) is None
+             else config_path(data[key], f"service.{key}", base, label)
+             for key in ("certfile", "keyfile", "client_ca")}
+    if (files["certfile"] is None) != (files["keyfile"] is None):
+        raise ConfigError(f"{label}: service.certfile and service.keyfile go together (TLS)")
+    if files["client_ca"] is not None and files["certfile"] is None:
+        raise ConfigError(f"{label}: service.client_ca needs TLS (certfile and keyfile)")
+    return files
+
+
+def service_limits(data: Mapping[str, Any], label: str, deadline: float,
+                   max_body: int) -> tuple[float, int]:
+    """A ``[service]`` table's ``deadline`` (seconds of work per request) and ``max_body``
+    (bytes), the given defaults when absent."""
+    seconds = data.get("deadline", deadline)
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (
+            0 < seconds <= 3600):
+        raise ConfigError(f"{label}: service.deadline must be seconds, more than 0 and at "
+                          "most 3600")
+    size = data.get("max_body", max_body)
+    if isinstance(size, bool) or not isinstance(size, int) or not 2**10 <= size <= 2**30:
+        raise ConfigError(f"{label}: service.max_body must be bytes, from 1024 to 2**30")
+    return float(seconds), size
+
+
 def site_names(value: object, label: str, key: str) -> tuple[str, ...]:
     """The study's site names as a data dictionary lists them: a list of distinct names."""
     if (not isinstance(value, list) or not value

@@ -36,6 +36,7 @@ from pets_widgets.core.errors import (
     QueryValidationError,
     SiteError,
 )
+from pets_widgets.core.kernel import forget_requests
 from pets_widgets.core.query import spec_from_dict
 from pets_widgets.core.release import Release
 from pets_widgets.core.release_wire import release_to_dict
@@ -70,7 +71,7 @@ def boot() -> None:
     """Start the enclave of the configuration named by :data:`CONFIG_ENV`: a fresh Paillier
     key, the ledger (refusing one made under another policy), the sites' verify keys and the
     public denominators, tokens from the verifier that launched this process."""
-    _forget_requests()
+    forget_requests()
     try:
         config = load_enclave_config(os.environ[CONFIG_ENV])
         _STATE["config"] = config
@@ -118,21 +119,6 @@ def open_enclave(config: EnclaveConfiguration, issuer: Any) -> Enclave:
             raise ConfigError(f"population: {config.population} cannot be used "
                               f"({type(exc).__name__})") from None
     return enclave
-
-
-def _forget_requests() -> None:
-    """Keep no request (IPython's input history would hold every token and body)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return
-    shell = get_ipython()
-    if shell is None:
-        return
-    history = shell.history_manager
-    history.store_inputs = lambda *args, **kwargs: None
-    history.store_output = lambda *args, **kwargs: None
-    history.enabled = False
 
 
 # --------------------------------------------------------------------------- the routes

@@ -54,8 +54,10 @@ from pets_widgets.core.tomlfile import (
     config_path,
     known,
     read_toml,
+    service_limits,
     site_names,
     table,
+    tls_files,
     toml_literal,
 )
 from pets_widgets.site.budget import SiteBudget
@@ -246,24 +248,10 @@ def _service(table: Mapping[str, Any], base: Path, label: str) -> ServiceSetting
     if not isinstance(token_env, str) or not ENV_NAME.fullmatch(token_env):
         raise ConfigError(f"{label}: service.token_env must be the NAME of an environment "
                           "variable holding the token (letters, digits, _)")
-    files = {key: None if table.get(key) is None
-             else config_path(table[key], f"service.{key}", base, label)
-             for key in ("certfile", "keyfile", "client_ca")}
-    if (files["certfile"] is None) != (files["keyfile"] is None):
-        raise ConfigError(f"{label}: service.certfile and service.keyfile go together (TLS)")
-    if files["client_ca"] is not None and files["certfile"] is None:
-        raise ConfigError(f"{label}: service.client_ca needs TLS (certfile and keyfile)")
-    deadline = table.get("deadline", default.deadline)
-    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not (
-            0 < deadline <= 3600):
-        raise ConfigError(f"{label}: service.deadline must be seconds, more than 0 and at "
-                          "most 3600")
-    max_body = table.get("max_body", default.max_body)
-    if isinstance(max_body, bool) or not isinstance(max_body, int) or not (
-            2**10 <= max_body <= 2**30):
-        raise ConfigError(f"{label}: service.max_body must be bytes, from 1024 to 2**30")
+    files = tls_files(table, base, label)
+    deadline, max_body = service_limits(table, label, default.deadline, default.max_body)
     return ServiceSettings(token_env, files["certfile"], files["keyfile"], files["client_ca"],
-                           float(deadline), max_body)
+                           deadline, max_body)
 
 
 # --------------------------------------------------------------------------- opening a site

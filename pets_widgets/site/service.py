@@ -31,6 +31,7 @@ from pets_widgets.core.errors import (
     QueryValidationError,
     SiteRefusal,
 )
+from pets_widgets.core.kernel import forget_requests
 from pets_widgets.core.wire import AggregateRequest
 from pets_widgets.site.config import SiteConfiguration, load_site_config, open_site
 from pets_widgets.site.site import Site
@@ -49,7 +50,7 @@ def boot() -> None:
     with the rule (and, for data, the rules broken and how many rows break each), so the
     coordinator learns that the site is down and why in words its operator can act on.
     """
-    _forget_requests()
+    forget_requests()
     try:
         config = load_site_config(os.environ[CONFIG_ENV])
         _STATE["config"] = config
@@ -65,22 +66,6 @@ def boot() -> None:
         _STATE["broken"] = ("data", str(exc.counted()))
     except Exception as exc:  # never echo: a foreign message could quote a value
         _STATE["broken"] = ("internal", f"{type(exc).__name__} while opening the site")
-
-
-def _forget_requests() -> None:
-    """Keep no request: IPython would otherwise store every cell the gateway runs (each
-    request, tokens included) in its input history, in memory and in its history file."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return
-    shell = get_ipython()
-    if shell is None:
-        return
-    history = shell.history_manager
-    history.store_inputs = lambda *args, **kwargs: None
-    history.store_output = lambda *args, **kwargs: None
-    history.enabled = False
 
 
 def status(request: str) -> str:
