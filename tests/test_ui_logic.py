@@ -223,7 +223,7 @@ def test_errors_are_clear_messages_never_tracebacks(exc, words):
 
 def test_audit_and_status_html(fed, crosstab_release):
     text = render.audit_html(fed.audit_log("render"))
-    assert "crosstab rows=subtype cols=age_band" in text and "released" in text
+    assert "Number of patients by rare subtype and age band" in text and "released" in text
     assert render.audit_html(fed.audit_log("nobody")).startswith('<div class="pw-note">')
     status = render.status_html(fed.status())
     assert "NDRS" in status and "online" in status and "about 3,000 patients" in status

@@ -20,6 +20,7 @@ import pandas as pd
 
 from pets_widgets.core.card import ParameterCard
 from pets_widgets.core.query import QuerySpec
+from pets_widgets.core.sentences import question
 
 TOTAL = "Total"
 
@@ -157,7 +158,7 @@ class Release:
         question in words and as a spec (with its hash), epsilon, k, what each status
         means, and the parameter card."""
         return {
-            "question": self.spec.describe(), "spec": self.spec.to_dict(),
+            "question": question(self.spec), "spec": self.spec.to_dict(),
             "spec_hash": self.card.spec_hash, "epsilon": self.card.epsilon, "k": self.card.k,
             "filters": {name: list(values) for name, values in self.spec.where.items()},
             "statuses": {"shown": "released (noisy) value",
@@ -222,7 +223,7 @@ class Release:
             "print('stored release, nothing spent:' if release.card.repeated else "
             "'a new release:', release.card.spec_hash)",
         ]
-        intro = (f"# {self.spec.describe()}\n\nRebuilds the query of a pets_widgets release "
+        intro = (f"# {question(self.spec)}\n\nRebuilds the query of a pets_widgets release "
                  f"(spec hash `{self.card.spec_hash}`, epsilon {self.card.epsilon:g}, "
                  f"k = {self.card.k}). Against the same federation it returns the stored "
                  "release and spends no budget.")
@@ -243,7 +244,7 @@ class Release:
         target = Path(path)
         target.write_text(json.dumps(notebook, indent=1) + "\n", encoding="utf-8")
         target.with_suffix(".py").write_text(
-            f'"""{self.spec.describe()}: rebuilt from a pets_widgets release."""\n\n'
+            f'"""{question(self.spec)}: rebuilt from a pets_widgets release."""\n\n'
             + "\n\n".join(cells).replace("release.display_table()",
                                            "print(release.display_table())") + "\n",
             encoding="utf-8")

@@ -43,6 +43,7 @@ from pets_widgets.core.release import (
     format_number,
     hidden_reason,
 )
+from pets_widgets.core.sentences import question
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ def plot_html(release: Release) -> str:
                 f"({esc(type(exc).__name__)}: {esc(exc)}).</div>")
     if fig is None:
         return ""
-    return figure_html(fig, alt=f"{release.spec.kind} plot")
+    return figure_html(fig, alt=f"{release.spec.kind} plot: {question(release.spec)}")
 
 
 # --------------------------------------------------------------------------- whole result
@@ -306,7 +307,7 @@ def plot_html(release: Release) -> str:
 def release_html(release: Release, schema: S.Schema | None = None,
                  intervals: bool | None = None) -> str:
     """Heading, table and legend of one release (the card and plot are separate pieces)."""
-    title = esc(release.spec.describe())
+    title = esc(question(release.spec, schema))
     return (f'<div class="pw-result"><div class="pw-title"><b>{title}</b></div>'
             f"{table_html(release, intervals, schema)}{legend_html(release, intervals)}</div>")
 
@@ -408,7 +409,7 @@ def _eps(text: object) -> str:
 
 def _describe_spec(spec_json: object) -> str:
     try:
-        return spec_from_json(str(spec_json)).describe()
+        return question(spec_from_json(str(spec_json)))
     except (QueryValidationError, TypeError, ValueError):
         return ""
 

@@ -22,6 +22,7 @@ from pets_widgets.core.errors import InternalError, QueryRefused
 from pets_widgets.core.policy import Policy
 from pets_widgets.core.query import FilterValue, Layout, QuerySpec, structural_zeros
 from pets_widgets.core.release import Release
+from pets_widgets.core.sentences import filters_in_words
 from pets_widgets.enclave.pipeline.builders import BUILDERS
 from pets_widgets.enclave.pipeline.noise import NoiseMechanism, noise_interval
 from pets_widgets.enclave.pipeline.tables import NoisyBlocks, Tables
@@ -107,7 +108,8 @@ def subset_refusal(spec: QuerySpec, layout: Layout, noisy: NoisyBlocks,
     subset = sum(int(noisy.values[b.name].sum()) for b in layout.blocks if b.partition)
     if subset < policy.min_subset:
         return QueryRefused(
-            "min_subset", f"the filter {dict(spec.where)} selects fewer than the policy "
+            "min_subset", f"the filter ({filters_in_words(spec.where)}) selects fewer than "
+            "the policy "
             f"minimum of {policy.min_subset} patients (judged on noisy counts)")
     return None
 

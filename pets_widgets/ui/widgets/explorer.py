@@ -15,6 +15,7 @@ import ipywidgets as W
 from pets_widgets.coordinator.federation import Federation
 from pets_widgets.core.errors import PetsError
 from pets_widgets.core.query import Crosstab, QuerySpec
+from pets_widgets.core.sentences import question
 from pets_widgets.ui import explore, render
 from pets_widgets.ui.widgets._common import Debouncer, classed, html, log, styles
 
@@ -84,7 +85,7 @@ class EpsilonExplorer(W.VBox):
 
     def _show_spec(self) -> None:
         self.spec_text.value = (f'<div class="pw-note">Exploring: <b>'
-                                f"{render.esc(self.spec.describe())}</b></div>")
+                                f"{render.esc(question(self.spec))}</b></div>")
 
     @property
     def reference(self) -> explore.PublicReference:

@@ -18,6 +18,7 @@ from pets_widgets.core.analyst import default_analyst, hub_user
 from pets_widgets.core.errors import PetsError, QueryValidationError
 from pets_widgets.core.query import QuerySpec
 from pets_widgets.core.release import Release
+from pets_widgets.core.sentences import question
 from pets_widgets.ui import forms, render
 from pets_widgets.ui.widgets._common import ProgressPanel, classed, html, log, show, styles
 
@@ -218,7 +219,7 @@ class QueryBuilder(W.VBox):
         self.run_button.disabled = spec is None
         if spec is not None:
             self.spec_text.value = (f'<span class="pw-note">Query: '
-                                    f"{render.esc(spec.describe())}</span>")
+                                    f"{render.esc(question(spec, self.schema))}</span>")
         for listener in self._spec_listeners:
             listener(spec)
 
