@@ -382,3 +382,32 @@ def test_any_noiseless_survival_spec_equals_lifelines(fed2, pooled2, spec):
             continue
         want = lifelines_km(rows, spec).survival_function_at_times(list(spec.grid))
         np.testing.assert_allclose(curves["survival"][label], want, atol=1e-12, err_msg=label)
+
+
+@pytest.mark.parametrize("spec", [
+    pw.Survival(where={"subtype": ["DIPG"]}),        # a median of about 10 months
+    pw.Survival(by="sex", where={"subtype": ["DIPG"]}),
+    pw.presets.survival("by_tumour_group"),          # most children survive: not reached
+], ids=["dipg", "dipg-by-sex", "by-tumour-group"])
+def test_noiseless_medians_equal_lifelines_median_survival_time(fed2, pooled2, spec):
+    release = pw.testing.noiseless(fed2, spec)
+    medians = pw.survival.median_survival(release)
+    for label, rows in strata_of(pooled2, spec, fed2.schema):
+        if rows.empty:
+            continue
+        want = lifelines_km(rows, spec).median_survival_time_
+        got = medians.loc[label, "median"]
+        if np.isinf(want) or want > spec.horizon_months:
+            assert np.isinf(got), label
+        else:
+            assert got == want and np.isfinite(got), label
+        # the interval brackets the median (noiseless: the band is Greenwood's alone)
+        assert medians.loc[label, "lower"] <= got <= medians.loc[label, "upper"], label
+
+
+def test_medians_of_a_noisy_release_come_from_its_own_curves(fed2):
+    release = fed2.run(pw.presets.survival("by_tumour_group"), epsilon=0.7, analyst="median")
+    medians = pw.survival.median_survival(release)
+    assert list(medians.index) == list(release.curves["survival"].columns)
+    shown = medians[medians.shown]
+    assert ((shown["lower"] <= shown["median"]) & (shown["median"] <= shown["upper"])).all()

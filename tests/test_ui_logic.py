@@ -338,3 +338,17 @@ def test_the_download_notebook_rebuilds_the_same_question(crosstab_release):
     notebook = json.loads(base64.b64decode(nb_b64).decode())
     code = "".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
     assert crosstab_release.spec.to_json() in code and "fed.run(spec" in code
+
+
+def test_a_survival_result_shows_percentages_medians_and_the_logrank_test(fed):
+    release = fed.run(pw.Survival(by="sex", where={"subtype": ["DIPG"]}), epsilon=1.0,
+                      analyst="render")
+    shown = release.display_table(intervals=True)
+    one_year = shown["1 year"][release.cell_status["1 year"] == "shown"]
+    assert one_year.str.fullmatch(r"\d{1,3}\.\d% \(\d{1,3}\.\d-\d{1,3}\.\d\)").all()
+    text = render.release_html(release)
+    assert "median survival (months)" in text and "Log-rank test across" in text
+    assert "from the noisy counts" in text and "p = " in text
+    medians = pw.survival.median_survival(release)
+    for label, row in medians[medians.shown].iterrows():
+        assert f"<th>{label}</th><td>{render._months(row['median'])}</td>" in text

@@ -85,6 +85,14 @@ class Release:
                                    status=None if self.status is None else moved(self.status))
 
     @property
+    def percent_columns(self) -> list[object]:
+        """The table's columns that hold probabilities (a survival release's survival at
+        1, 3 and 5 years), shown as percentages."""
+        if self.spec.kind != "survival":
+            return []
+        return [c for c in self.table.columns if c != "patients"]
+
+    @property
     def curves(self) -> pd.DataFrame | None:
         """Survival releases: curves by grid time (rows, months) with columns ``(quantity,
         stratum)``, quantity one of survival, lower, upper, at_risk; hidden values and hidden
@@ -105,9 +113,13 @@ class Release:
         ``intervals=True`` each value is followed by its 95% noise interval."""
         mark = hidden if hidden is not None else f"<{self.card.k}"
         shown = self.table.astype(object).map(format_number)
+        lo = self.lower.astype(object).map(format_number)
+        hi = self.upper.astype(object).map(format_number)
+        for column in self.percent_columns:  # survival probabilities read as percentages
+            shown[column] = self.table[column].astype(object).map(format_percent)
+            lo[column] = self.lower[column].astype(object).map(format_percent_bare)
+            hi[column] = self.upper[column].astype(object).map(format_percent_bare)
         if intervals:
-            lo = self.lower.astype(object).map(format_number)
-            hi = self.upper.astype(object).map(format_number)
             shown = shown + " (" + lo + "-" + hi + ")"
         status = self.cell_status.to_numpy()
         return shown.mask(status == "primary", mark).mask(status == "complementary",
@@ -284,6 +296,20 @@ def format_number(value: object) -> str:
             return "0"
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
     return str(value)
+
+
+def format_percent(value: object) -> str:
+    """A probability as a percentage with one decimal (``"98.6%"``); missing values empty."""
+    text = format_percent_bare(value)
+    return f"{text}%" if text else ""
+
+
+def format_percent_bare(value: object) -> str:
+    """A probability as a percentage number with one decimal (``"98.6"``), for intervals."""
+    if value is None or value is pd.NA:
+        return ""
+    v = float(value)  # type: ignore[arg-type]
+    return "" if math.isnan(v) else f"{100 * v:.1f}"
 
 
 #: Why a value is hidden, by query kind ("" for the cell kinds); ``{k}`` is filled in.

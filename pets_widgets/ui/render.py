@@ -41,6 +41,8 @@ from pets_widgets.core.release import (
     TOTAL,
     Release,
     format_number,
+    format_percent,
+    format_percent_bare,
     hidden_reason,
 )
 from pets_widgets.core.sentences import question
@@ -95,11 +97,17 @@ def _label(schema: S.Schema | None, name: object) -> str:
 # --------------------------------------------------------------------------- tables
 
 
-def _cell_text(value: object, lo: object, hi: object, with_interval: bool) -> str:
-    text = esc(number(value))
-    exact = number(lo) == number(hi) == number(value)  # e.g. public denominators: no noise
-    if with_interval and text and number(lo) and number(hi) and not exact:
-        text += f' <span class="pw-ci">({esc(number(lo))}–{esc(number(hi))})</span>'
+def _cell_text(value: object, lo: object, hi: object, with_interval: bool,
+               percent: bool = False) -> str:
+    if percent:  # a probability: "98.6% (97.1–99.3)"
+        text, lo_text, hi_text = (format_percent(value), format_percent_bare(lo),
+                                  format_percent_bare(hi))
+    else:
+        text, lo_text, hi_text = number(value), number(lo), number(hi)
+    exact = lo_text == hi_text == text  # e.g. public denominators: no noise
+    text = esc(text)
+    if with_interval and text and lo_text and hi_text and not exact:
+        text += f' <span class="pw-ci">({esc(lo_text)}–{esc(hi_text)})</span>'
     return text
 
 
@@ -121,6 +129,7 @@ def table_html(release: Release, intervals: bool | None = None,
     table = release.table
     hidden = release.suppressed.reindex_like(table).fillna(False).to_numpy(dtype=bool)
     complementary = (release.cell_status.reindex_like(table) == "complementary").to_numpy()
+    percent = set(release.percent_columns)
     lower = release.lower.reindex_like(table)
     upper = release.upper.reindex_like(table)
     index_names = [_label(schema, n) for n in table.index.names]
@@ -151,7 +160,8 @@ def table_html(release: Release, intervals: bool | None = None,
                 classes.append("pw-hidden")
                 text = mark
             else:
-                text = _cell_text(table.iat[i, j], lower.iat[i, j], upper.iat[i, j], intervals)
+                text = _cell_text(table.iat[i, j], lower.iat[i, j], upper.iat[i, j], intervals,
+                                  col in percent)
             cells.append(f'<td class="{" ".join(classes)}">{text}</td>')
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
@@ -308,8 +318,45 @@ def release_html(release: Release, schema: S.Schema | None = None,
                  intervals: bool | None = None) -> str:
     """Heading, table and legend of one release (the card and plot are separate pieces)."""
     title = esc(question(release.spec, schema))
+    extra = survival_summary_html(release) if release.spec.kind == "survival" else ""
     return (f'<div class="pw-result"><div class="pw-title"><b>{title}</b></div>'
-            f"{table_html(release, intervals, schema)}{legend_html(release, intervals)}</div>")
+            f"{table_html(release, intervals, schema)}{legend_html(release, intervals)}"
+            f"{extra}</div>")
+
+
+def _months(value: float) -> str:
+    if math.isnan(value):
+        return ""
+    return "not reached" if math.isinf(value) else f"{value:g}"
+
+
+def survival_summary_html(release: Release) -> str:
+    """Median survival per shown stratum with its 95% interval (months, read off the
+    released curves: no budget), and the log-rank test from the noisy counts."""
+    from pets_widgets.enclave.pipeline.survival import logrank, median_survival
+
+    medians = median_survival(release)
+    rows = "".join(
+        f"<tr><th>{esc(label)}</th><td>{esc(_months(m['median']))}</td>"
+        f"<td>{esc(_months(m['lower']))}–{esc(_months(m['upper']))}</td></tr>"
+        for label, m in medians[medians.shown].iterrows())
+    out = ('<div class="pw-survival-summary"><table class="pw-table pw-medians"><thead><tr>'
+           "<th>stratum</th><th>median survival (months)</th><th>95% interval</th></tr>"
+           f"</thead><tbody>{rows}</tbody></table>")
+    test = logrank(release)
+    if test is not None:
+        noisy = " from the noisy counts (the noise is not in its variance: approximate)" \
+            if getattr(test, "noisy", True) else ""
+        out += (f'<div class="pw-logrank">Log-rank test across {test.degrees_of_freedom + 1} '
+                f"shown strata: χ² = {test.test_statistic:.2f} on "
+                f"{test.degrees_of_freedom} degree{'s' if test.degrees_of_freedom != 1 else ''} "
+                "of freedom, p = "
+                f"{_p_value(test.p_value)}{noisy}.</div>")
+    return out + "</div>"
+
+
+def _p_value(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 # --------------------------------------------------------------------------- errors

@@ -372,3 +372,40 @@ def logrank(release: Release) -> StatisticalResult | None:
                                    [Survival.kind])
     return release.extras.get("logrank")
 
+
+
+def median_survival(release: Release) -> pd.DataFrame:
+    """Median survival of each stratum of a survival release, with its 95% interval, in
+    months: read off the released curve and band, so it costs no budget (post-processing).
+
+    The median is the first grid time at which the curve is at or below 0.5 (as lifelines'
+    ``median_survival_time_`` on the same grid); the interval runs from the first time the
+    band's lower edge is at or below 0.5 to the first time its upper edge is
+    (Brookmeyer and Crowley's construction, on the noise-aware band). ``inf`` means not
+    reached while the curve is shown (it stops where fewer than k remain at risk); a hidden
+    stratum has NaN throughout. Columns: ``median``, ``lower``, ``upper``, ``shown``.
+    """
+    if release.spec.kind != Survival.kind or release.curves is None:
+        raise QueryValidationError("release", f"is a {release.spec.kind} release, not survival",
+                                   [Survival.kind])
+    curves = release.curves
+    times = curves.index.to_numpy(dtype=float)
+
+    def first_at_or_below_half(values: np.ndarray) -> float:
+        hits = np.flatnonzero(values <= 0.5)  # NaN compares False: a stopped curve never hits
+        return float(times[hits[0]]) if hits.size else math.inf
+
+    rows = {}
+    for label in curves["survival"].columns:
+        curve = curves["survival"][label].to_numpy(dtype=float)
+        if np.isnan(curve).all():
+            rows[label] = (math.nan, math.nan, math.nan, False)
+            continue
+        rows[label] = (first_at_or_below_half(curve),
+                       first_at_or_below_half(curves["lower"][label].to_numpy(dtype=float)),
+                       first_at_or_below_half(curves["upper"][label].to_numpy(dtype=float)),
+                       True)
+    out = pd.DataFrame.from_dict(rows, orient="index",
+                                 columns=["median", "lower", "upper", "shown"])
+    out.index.name = "stratum"
+    return out
