@@ -150,9 +150,12 @@ def test_survival_by_clicking(page, shots):
     expect(page.locator(".pw-preset select option")).to_have_count(len(pw.presets.names()))
     page.locator(".pw-preset select").select_option(label="By tumour group (ICCC-3)")
     run_query(page)
-    table = page.locator(".pw-table-area table.pw-table")
+    table = page.locator(".pw-table-area table.pw-table.dataframe")
     expect(table).to_contain_text("5 years")
     expect(table).to_contain_text("Leukaemia")
+    expect(table).to_contain_text("%")  # survival in percent
+    expect(page.locator(".pw-medians")).to_contain_text("median survival (months)")
+    expect(page.locator(".pw-logrank")).to_contain_text("p = ")
     expect(page.locator(".pw-card-area")).to_contain_text("ε = 1")
     expect_plot(page)
     page.screenshot(path=str(shots / "dashboard-survival.png"), full_page=True)
