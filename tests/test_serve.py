@@ -95,3 +95,22 @@ def test_binder_installs_the_package_and_the_readme_gives_the_voila_path():
     assert "voila/render/notebooks/dashboard.ipynb" in readme
     for shot in ("crosstab", "histogram", "survival", "explorer", "audit"):
         assert (root / "docs" / "screenshots" / f"dashboard-{shot}.png").is_file(), shot
+
+
+def test_a_port_just_released_is_free_again_and_closed_pages_kernels_are_culled():
+    """Restarting on the same --port right after a stop works: the connections the last
+    server closed linger in TIME_WAIT, which Voila's own bind (SO_REUSEADDR) ignores."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    accepted.close()  # the server side closes first: its end stays in TIME_WAIT
+    server.close()
+    client.close()
+    assert serve.port_is_free(port)
+    cmd = serve.voila_command(serve.find_notebook(), port)
+    assert f"--MappingKernelManager.cull_idle_timeout={serve.CULL_IDLE_SECONDS}" in cmd
+    assert "--MappingKernelManager.cull_connected=False" in cmd

@@ -41,7 +41,10 @@ def find_notebook(path: str | os.PathLike[str] | None = None) -> Path:
 
 
 def port_is_free(port: int) -> bool:
+    """Whether Voila can listen on ``port``: as Voila (tornado) binds with SO_REUSEADDR, so
+    does this check, and a port left in TIME_WAIT by a dashboard just stopped is free."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError:
@@ -49,10 +52,19 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+#: Seconds a page's kernel may sit with no browser connected before it is shut down, and how
+#: often that is checked (a closed tab's kernel holds half a gigabyte).
+CULL_IDLE_SECONDS, CULL_INTERVAL_SECONDS = 300, 60
+
+
 def voila_command(notebook: Path, port: int, preheat: bool = True) -> list[str]:
-    """The Voila command line (run in the notebook's folder)."""
+    """The Voila command line (run in the notebook's folder): loopback only, the printed port
+    only, and the kernels of closed pages culled once idle."""
     cmd = [sys.executable, "-m", "voila", "--no-browser", f"--port={port}",
-           f"--Voila.ip={HOST}", "--Voila.port_retries=0"]
+           f"--Voila.ip={HOST}", "--Voila.port_retries=0",
+           f"--MappingKernelManager.cull_idle_timeout={CULL_IDLE_SECONDS}",
+           f"--MappingKernelManager.cull_interval={CULL_INTERVAL_SECONDS}",
+           "--MappingKernelManager.cull_connected=False"]
     if preheat:
         cmd += ["--preheat_kernel=True", "--pool_size=1"]
     return [*cmd, notebook.name]
