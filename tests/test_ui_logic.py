@@ -353,3 +353,19 @@ def test_a_survival_result_shows_percentages_medians_and_the_logrank_test(fed):
     medians = pw.survival.median_survival(release)
     for label, row in medians[medians.shown].iterrows():
         assert f"<th>{label}</th><td>{render._months(row['median'])}</td>" in text
+
+
+def test_the_explorers_noise_axis_stays_fixed_while_epsilon_moves_and_sims_are_marked(reference):
+    from pets_widgets.enclave.pipeline.noise import noise_interval
+    from pets_widgets.ui import plots
+
+    limits = []
+    for epsilon in (0.1, 1.0, 5.0):
+        block = explore.NoiseBlock("count", epsilon, 1, 1 / epsilon, 0.0,
+                                   noise_interval(1 / epsilon), 48, None)
+        limits.append(explore.noise_figure([block], epsilon).axes[0].get_xlim())
+    assert limits[0] == limits[1] == limits[2]  # one axis at every epsilon: the noise moves
+    sim = explore.simulate(reference, pw.Survival(by="sex"), epsilon=0.5, k=5)
+    fig = plots.plot(sim.release)
+    assert any(t.get_gid() == plots.SIMULATED_GID and t.get_text() == "SIMULATED"
+               for t in fig.texts)

@@ -42,7 +42,7 @@ from pets_widgets.core.query import QuerySpec
 from pets_widgets.core.release import Release
 from pets_widgets.enclave.pipeline import release as pipeline
 from pets_widgets.enclave.pipeline.builders import PUBLIC_INPUTS
-from pets_widgets.enclave.pipeline.noise import noise_sd
+from pets_widgets.enclave.pipeline.noise import noise_interval, noise_sd
 from pets_widgets.enclave.pipeline.tables import NoisyBlocks, Tables
 from pets_widgets.site import synthetic
 from pets_widgets.site.site import Site
@@ -382,10 +382,16 @@ def _survival_curves(tables: Tables) -> np.ndarray | None:
 # --------------------------------------------------------------------------- figure
 
 
-def noise_figure(blocks: Sequence[NoiseBlock]) -> Any:
+def noise_figure(blocks: Sequence[NoiseBlock], epsilon: float | None = None,
+                 smallest_epsilon: float = EPSILON_RANGE[0]) -> Any:
     """The noise distribution of each block: probability of each noise value, the 95%
     interval in colour. A matplotlib Figure (no pyplot state); drawn as filled steps, one
-    artist per block, so redrawing while a slider moves stays fast."""
+    artist per block, so redrawing while a slider moves stays fast.
+
+    With the query's ``epsilon``, each block's horizontal axis is fixed at the width its
+    noise has at ``smallest_epsilon`` (the slider's smallest), so moving epsilon visibly
+    narrows or widens the noise instead of rescaling the axis to look the same."""
+    stretch = max(1.0, epsilon / smallest_epsilon) if epsilon else 1.0
     from matplotlib.figure import Figure
 
     n = max(1, len(blocks))
@@ -395,7 +401,8 @@ def noise_figure(blocks: Sequence[NoiseBlock]) -> Any:
                         hspace=0.75)
     axes = fig.subplots(n, 1, squeeze=False)[:, 0]
     for ax, b in zip(axes, blocks, strict=True):
-        reach = max(3, int(2 * b.interval95))
+        widest = noise_interval(b.scale * stretch)  # the scale at the smallest epsilon
+        reach = max(3, int(2 * max(b.interval95, widest)))
         x = np.arange(-reach, reach + 1)
         p = pmf(x, b.scale)
         edges = np.append(x - 0.5, reach + 0.5)

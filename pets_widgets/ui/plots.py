@@ -37,6 +37,10 @@ NOTE_GID = "pw-suppressed-note"
 HIDDEN_GID = "pw-hidden-mark"
 
 
+#: The gid of the watermark on the explorer's simulated figures.
+SIMULATED_GID = "pw-simulated"
+
+
 class ReleaseFigure(Figure):
     """A matplotlib Figure that renders itself as PNG in Jupyter without pyplot."""
 
@@ -328,4 +332,10 @@ def plot(release: Release) -> Figure:
     if plotter is None:
         raise QueryValidationError("release", f"no figure for query kind "
                                    f"{release.spec.kind!r}", sorted(PLOTTERS))
-    return plotter(release)
+    fig = plotter(release)
+    if release.card.mechanism.startswith("SIMULATED"):  # the explorer's, never a release
+        fig.text(0.5, 0.55, "SIMULATED", ha="center", va="center", rotation=25,
+                 fontsize=54, color="#b22222", alpha=0.18, gid=SIMULATED_GID)
+        fig.text(0.01, 0.995, "Simulated on public synthetic data: not a release",
+                 ha="left", va="top", fontsize=9, color="#b22222")
+    return fig

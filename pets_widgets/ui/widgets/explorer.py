@@ -119,7 +119,7 @@ class EpsilonExplorer(W.VBox):
         table = ('<div class="pw-note"><b>One simulated release</b> (public synthetic data, '
                  "with 95% noise intervals):</div>"
                  + render.release_html(sim.release, self.fed.schema, intervals=True))
-        figure = render.figure_html(explore.noise_figure(sim.blocks),
+        figure = render.figure_html(explore.noise_figure(sim.blocks, sim.epsilon),
                                     alt=f"noise distribution at epsilon {sim.epsilon:g}",
                                     css_class="pw-plot pw-noise-plot", tight=False)
         plot = render.plot_html(sim.release) if sim.spec.kind == "survival" else ""
