@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 
 import pets_widgets as pw
-from pets_widgets.coordinator.federation import Federation
-from pets_widgets.core.paillier import encrypt
 
-from .test_integrity import Tamper
+from .test_integrity import overflowing, with_site0
 
 
 def _collect(fed, admission):
@@ -71,17 +69,7 @@ def test_policy_cannot_be_swapped_after_attestation(fresh_fed):
 def test_overflow_probe_is_charged_and_locks_the_federation(fresh_fed):
     """A colluding site encrypting out-of-range values learns one bit at most: the failure
     is charged, and the federation locks."""
-    site = fresh_fed._sites[0]._site
-
-    def rewrite(agg, request):
-        packing = request.packing
-        huge = packing.pack([packing.cell_bound] * packing.n_cells)
-        forged = [int(c) for c in encrypt(request.public_key,
-                                                 [m * 2 for m in huge])]
-        return dataclasses.replace(agg, ciphertexts=tuple(forged)).signed(site._signing_key)
-
-    evil = Federation([Tamper(fresh_fed._sites[0], rewrite), fresh_fed._sites[1]],
-                      fresh_fed.enclave)
+    evil = with_site0(fresh_fed, overflowing(fresh_fed))
     with pytest.raises(pw.IntegrityError):
         evil.run(pw.Count(by=["sex"]), epsilon=0.5, analyst="eve")
     # A cheating site's probe costs the policy's epsilon per release at least, however small

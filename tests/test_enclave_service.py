@@ -8,7 +8,6 @@ dashboard's embedded default does.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -24,10 +23,9 @@ from pets_widgets.coordinator.enclaves import EnclaveProcess, ServiceEnclave
 from pets_widgets.coordinator.federation import Federation
 from pets_widgets.core.enclave_config import write_enclave_config
 from pets_widgets.core.errors import EnclaveError, SiteAttestationError
-from pets_widgets.core.paillier import encrypt
 
 from .conftest import SMALL_ROWS, TEST_KEY_BITS, TESTING
-from .test_integrity import Tamper
+from .test_integrity import overflowing, with_site0
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leaked_kernels")]
 ROUTES = ("/status", "/admit", "/release", "/budget", "/audit")
@@ -270,16 +268,7 @@ def test_a_cheating_sites_overflow_costs_max_epsilon_and_locks_until_unlocked(tm
     """Local (in-process) sites, one of them cheating, with the enclave as a service."""
     with pw.demo_federation(rows_per_site=SMALL_ROWS, key_bits=TEST_KEY_BITS, **TESTING,
                             enclave="service", ledger=tmp_path / "l.sqlite") as fed:
-        site = fed._sites[0]._site
-
-        def rewrite(agg, request):
-            packing = request.packing
-            huge = packing.pack([packing.cell_bound] * packing.n_cells)
-            forged = [int(c) for c in encrypt(request.public_key, [m * 2 for m in huge])]
-            return dataclasses.replace(agg, ciphertexts=tuple(forged)).signed(
-                site._signing_key)
-
-        evil = Federation([Tamper(fed._sites[0], rewrite), fed._sites[1]], fed.enclave)
+        evil = with_site0(fed, overflowing(fed))
         with pytest.raises(pw.IntegrityError):
             evil.run(pw.Count(by=["sex"]), epsilon=0.05)
         assert fed.budget().analyst_spent == 1  # max_epsilon, not 0.05

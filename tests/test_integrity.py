@@ -48,6 +48,20 @@ def with_site0(fed: pw.Federation, rewrite) -> Federation:
     return Federation(sites, fed.enclave)
 
 
+def overflowing(fed: pw.Federation):
+    """A rewrite making site 0 cheat: every slot of every ciphertext filled past its bound,
+    re-signed with the site's own key (what only a colluding site can send)."""
+    key = fed._sites[0]._site._signing_key
+
+    def rewrite(agg, request):
+        packing = request.packing
+        huge = packing.pack([packing.cell_bound] * packing.n_cells)
+        forged = [int(c) for c in encrypt(request.public_key, [m * 2 for m in huge])]
+        return dataclasses.replace(agg, ciphertexts=tuple(forged)).signed(key)
+
+    return rewrite
+
+
 def assert_nothing_released(fed: pw.Federation, before_rows: int) -> None:
     log = fed.audit_log()
     assert len(log) == before_rows + 1

@@ -21,10 +21,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from pets_widgets.coordinator.http import HttpFailure, request_json, session
-from pets_widgets.coordinator.service import ServiceProcess
+from pets_widgets.coordinator.service import ServiceProcess, announced_url, first_answer
 from pets_widgets.core import schema as S
 from pets_widgets.core.budget import Budget
 from pets_widgets.core.errors import (
@@ -96,8 +94,6 @@ class LocalEnclave:
             tokens = {site: self.enclave.issue_nonce(admission, site, given[site])
                       for site in admission.sites}
         except BaseException as exc:
-            from pets_widgets.core.errors import SiteError
-
             rule = f"site.{exc.rule}" if isinstance(exc, SiteError) and exc.rule else "site"
             self.enclave.abort(admission, "failed", rule, str(exc))
             raise
@@ -192,25 +188,15 @@ class ServiceEnclave:
     def start(self) -> ServiceEnclave:
         """Wait for the service to answer ``/status`` and read what it publishes."""
         deadline = time.monotonic() + self.start_timeout
+
+        def stopped(how: str) -> EnclaveError:
+            return EnclaveError(f"it stopped while starting ({how})", rule="start")
+
         if self._process is not None and not self.url:
-            url = self._process.url(self.start_timeout)
-            if url is None:
-                raise EnclaveError(f"it stopped while starting ({self._process.describe()})",
-                                   rule="start")
-            self.url = url
-        while True:
-            try:
-                self.info = self._call("GET", "/status", None, "status",
-                                       max(1.0, deadline - time.monotonic()))
-                break
-            except EnclaveError as exc:
-                if (exc.rule not in ("unreachable", "tls", "timeout")
-                        or time.monotonic() > deadline):
-                    raise
-                if self._process is not None and self._process.exited():
-                    raise EnclaveError(f"it stopped while starting "
-                                       f"({self._process.describe()})", rule="start") from None
-                time.sleep(0.1)
+            self.url = announced_url(self._process, self.start_timeout, stopped)
+        self.info = first_answer(
+            lambda timeout: self._call("GET", "/status", None, "status", timeout), deadline,
+            self._process, stopped)
         self.state = "up"
         return self
 
@@ -280,10 +266,6 @@ class ServiceEnclave:
         """``GET /status`` again (the lock, the analyst)."""
         self.info = self._call("GET", "/status", None, "status")
         return dict(self.info)
-
-    @property
-    def population(self) -> pd.DataFrame | None:
-        return None  # the enclave's operator registered them with the enclave itself
 
     def close(self) -> None:
         self._session.close()

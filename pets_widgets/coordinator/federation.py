@@ -62,6 +62,7 @@ from pets_widgets.core.policy import Policy
 from pets_widgets.core.query import QuerySpec
 from pets_widgets.core.release import Release
 from pets_widgets.core.signing import VerifyKey
+from pets_widgets.core.tomlfile import toml_literal
 from pets_widgets.core.wire import AggregateRequest, EncryptedAggregate
 from pets_widgets.enclave import ledger as audit
 from pets_widgets.enclave.enclave import Enclave
@@ -415,17 +416,20 @@ class Federation:
                 isinstance(s, ServiceSite) for s in self._sites):
             raise ConfigError("write_config needs site services and an enclave service")
         env: dict[str, str] = {}
+        token_env = f"{prefix}_ANALYST_TOKEN"
         lines = ["# Written by the server that started these services; tokens are in the",
                  "# environment variables named here.", "[enclave]",
-                 f'url = "{self.enclave.url}/"', f'token_env = "{prefix}_ANALYST_TOKEN"', ""]
-        env[f"{prefix}_ANALYST_TOKEN"] = self.enclave.token
+                 f"url = {toml_literal(self.enclave.url + '/')}",
+                 f"token_env = {toml_literal(token_env)}", ""]
+        env[token_env] = self.enclave.token
         for i, site in enumerate(self._sites):
             assert isinstance(site, ServiceSite)
-            name = f"{prefix}_SITE_{i}_TOKEN"
-            env[name] = site.token
-            lines += ["[[sites]]", f"name = {json.dumps(site.name)}", 'backend = "service"',
-                      f'url = "{site.url}/"', f'token_env = "{name}"',
-                      f'verify_key = "{site.verify_key.to_bytes().hex()}"', ""]
+            token_env = f"{prefix}_SITE_{i}_TOKEN"
+            env[token_env] = site.token
+            lines += ["[[sites]]", f"name = {toml_literal(site.name)}", 'backend = "service"',
+                      f"url = {toml_literal(site.url + '/')}",
+                      f"token_env = {toml_literal(token_env)}",
+                      f"verify_key = {toml_literal(site.verify_key.to_bytes().hex())}", ""]
         Path(path).write_text("\n".join(lines), encoding="utf-8")
         return env
 
@@ -541,6 +545,13 @@ def build_federation(config: FederationConfig, *, ledger: audit.Ledger | str | o
         raise
 
 
+def _temporary_folder(prefix: str) -> Path:
+    """A fresh folder (0700), removed with its contents at interpreter exit."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
 def _site_folders(config: FederationConfig, state: Path | None) -> dict[str, Path]:
     """A folder for each site whose configuration this run generates: under ``state`` (its
     key and lifetime budget kept across runs), else a fresh one removed at exit. Made before
@@ -553,8 +564,7 @@ def _site_folders(config: FederationConfig, state: Path | None) -> dict[str, Pat
             folder = state / "sites" / entry.name
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         else:
-            folder = Path(tempfile.mkdtemp(prefix="pets-site-config-"))
-            atexit.register(shutil.rmtree, folder, True)
+            folder = _temporary_folder("pets-site-config-")
         folders[entry.name] = folder
     return folders
 
@@ -598,8 +608,7 @@ def _enclave_service(config: FederationConfig, ledger: str | os.PathLike[str] | 
             return client, {"keys": []}  # no site is generated here (each has its own)
         return client, json.loads((Path(config.verifier) / JWKS_FILE).read_text("utf-8"))
     if state is None:
-        home = Path(tempfile.mkdtemp(prefix="pets-enclave-"))
-        atexit.register(shutil.rmtree, home, True)
+        home = _temporary_folder("pets-enclave-")
     else:
         home = state / "enclave"
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -672,10 +681,7 @@ class SiteDefaults:
     def write(self, entry: SiteConfig) -> Path:
         """A fresh folder (removed at interpreter exit) with the site's ``site.toml``."""
         assert entry.source is not None
-        folder = self.folders.get(entry.name)
-        if folder is None:
-            folder = Path(tempfile.mkdtemp(prefix="pets-site-config-"))
-            atexit.register(shutil.rmtree, folder, True)
+        folder = self.folders.get(entry.name) or _temporary_folder("pets-site-config-")
         (folder / "site.toml").unlink(missing_ok=True)  # pins this run's verifier and image
         return write_site_config(
             folder, entry.name, entry.source.to_dict(), sites=self.sites,

@@ -19,16 +19,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 
 from pets_widgets.coordinator.http import HttpFailure, request_json, session
 from pets_widgets.core.errors import (
     IntegrityError,
+    PetsError,
     SiteAttestationError,
     SiteError,
     SiteIntegrityError,
@@ -112,26 +113,12 @@ class ServiceSite:
         with self._lock:
             self._nonce = None  # a nonce of a service started before is of no use
         deadline = time.monotonic() + self.start_timeout
+        def stopped(how: str) -> SiteError:
+            return SiteError(self.name, f"its service stopped while starting ({how})")
+
         if self._process is not None and not self.url:
-            url = self._process.url(self.start_timeout)
-            if url is None:
-                raise SiteError(self.name, "its service stopped while starting "
-                                f"({self._process.describe()})")
-            self.url = url
-        while True:
-            try:
-                info = self._status(max(1.0, deadline - time.monotonic()))
-                break
-            except SiteError as exc:
-                # A service still starting refuses connections (or TLS handshakes), or holds
-                # the request until its kernel has loaded the site's rows.
-                if (exc.rule not in ("unreachable", "tls", "timeout")
-                        or time.monotonic() > deadline):
-                    raise
-                if self._process is not None and self._process.exited():
-                    raise SiteError(self.name, "its service stopped while starting "
-                                    f"({self._process.describe()})") from None
-                time.sleep(0.1)
+            self.url = announced_url(self._process, self.start_timeout, stopped)
+        info = first_answer(self._status, deadline, self._process, stopped)
         key = str(info.get("verify_key", ""))
         if self._pinned is not None and key != self._pinned:
             raise SiteIntegrityError(self.name, "signs with another key than the federation "
@@ -243,6 +230,43 @@ def _site_error(site: str, status: int, payload: Mapping[str, Any]) -> SiteError
     if error == "QueryValidationError":
         return SiteError(site, f"the site rejected the request: {message}", rule=rule)
     return SiteError(site, f"{error or 'HTTP ' + str(status)}: {message}", rule=rule)
+
+
+# --------------------------------------------------------------------------- starting
+#: The rules of a failure that only means "not serving yet" while a service starts.
+STARTING_RULES = ("unreachable", "tls", "timeout")
+
+Answer = TypeVar("Answer")
+
+
+def announced_url(process: ServiceProcess, timeout: float,
+                  stopped: Callable[[str], Exception]) -> str:
+    """The URL a service started here announces, or ``stopped(how)`` raised if it ends first."""
+    url = process.url(timeout)
+    if url is None:
+        raise stopped(process.describe())
+    return url
+
+
+def first_answer(ask: Callable[[float], Answer], deadline: float,
+                 process: ServiceProcess | None,
+                 stopped: Callable[[str], Exception]) -> Answer:
+    """``ask(timeout)`` until the service answers (site and enclave services alike).
+
+    A service still starting refuses connections (or TLS handshakes), or holds the request
+    until its kernel is ready: such failures (their ``rule`` in :data:`STARTING_RULES`) are
+    retried until ``deadline``; any other is raised, and so is ``stopped(how)`` when a
+    process started here has ended."""
+    while True:
+        try:
+            return ask(max(1.0, deadline - time.monotonic()))
+        except PetsError as exc:
+            if (getattr(exc, "rule", "") not in STARTING_RULES
+                    or time.monotonic() > deadline):
+                raise
+            if process is not None and process.exited():
+                raise stopped(process.describe()) from None
+            time.sleep(0.1)
 
 
 # --------------------------------------------------------------------------- many sites

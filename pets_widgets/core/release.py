@@ -113,13 +113,15 @@ class Release:
         ``intervals=True`` each value is followed by its 95% noise interval."""
         mark = hidden if hidden is not None else f"<{self.card.k}"
         shown = self.table.astype(object).map(format_number)
-        lo = self.lower.astype(object).map(format_number)
-        hi = self.upper.astype(object).map(format_number)
-        for column in self.percent_columns:  # survival probabilities read as percentages
+        percent = self.percent_columns  # survival probabilities read as percentages
+        for column in percent:
             shown[column] = self.table[column].astype(object).map(format_percent)
-            lo[column] = self.lower[column].astype(object).map(format_percent_bare)
-            hi[column] = self.upper[column].astype(object).map(format_percent_bare)
         if intervals:
+            lo = self.lower.astype(object).map(format_number)
+            hi = self.upper.astype(object).map(format_number)
+            for column in percent:
+                lo[column] = self.lower[column].astype(object).map(format_percent_bare)
+                hi[column] = self.upper[column].astype(object).map(format_percent_bare)
             shown = shown + " (" + lo + "-" + hi + ")"
         status = self.cell_status.to_numpy()
         return shown.mask(status == "primary", mark).mask(status == "complementary",
@@ -215,18 +217,14 @@ class Release:
                 curves.to_csv(f"{stem}.curves.csv")
         return text
 
-    def to_notebook(self, path: str | os.PathLike[str],
-                    federation: str | os.PathLike[str] | None = None) -> Path:
-        """Write a small notebook at ``path`` (and the same code at ``path`` with ``.py``)
-        that rebuilds this release's spec and runs it at the same epsilon and k against
-        the federation file ``federation`` (default: ``$PETS_SITES_CONFIG`` when set, as in
-        the dashboard's kernels; else the synthetic demo). Run against the same federation
-        it returns the stored release and spends nothing. Returns the notebook's path."""
+    def _rerun_cells(self, federation: str | os.PathLike[str] | None) -> list[str]:
+        """The code that reruns this release against ``federation`` (see
+        :meth:`to_notebook`), one string per notebook cell."""
         config = os.fspath(federation) if federation is not None else os.environ.get(
             "PETS_SITES_CONFIG")
         where = (f"fed = pw.Federation.from_config({config!r})" if config else
                  "fed = pw.demo_federation(seed=7)  # the synthetic demo (no file was given)")
-        cells = [
+        return [
             "import pets_widgets as pw\n\n" + where,
             f"spec = pw.spec_from_json({self.spec.to_json()!r})\n"
             f"release = fed.run(spec, epsilon={self.card.epsilon!r}, k={self.card.k!r})\n"
@@ -235,10 +233,15 @@ class Release:
             "print('stored release, nothing spent:' if release.card.repeated else "
             "'a new release:', release.card.spec_hash)",
         ]
+
+    def notebook_json(self, federation: str | os.PathLike[str] | None = None) -> str:
+        """The notebook :meth:`to_notebook` writes, as its JSON text (nbformat 4; the core
+        writes it itself, importing nothing from Jupyter)."""
         intro = (f"# {question(self.spec)}\n\nRebuilds the query of a pets_widgets release "
                  f"(spec hash `{self.card.spec_hash}`, epsilon {self.card.epsilon:g}, "
                  f"k = {self.card.k}). Against the same federation it returns the stored "
                  "release and spends no budget.")
+
         def cell(kind: str, text: str, n: int) -> dict[str, Any]:
             lines = text.split("\n")
             out: dict[str, Any] = {"cell_type": kind, "id": f"pets-{n}", "metadata": {},
@@ -247,18 +250,28 @@ class Release:
                 out.update(execution_count=None, outputs=[])
             return out
 
+        cells = self._rerun_cells(federation)
         notebook = {"cells": [cell("markdown", intro, 0),
                               *(cell("code", c, i + 1) for i, c in enumerate(cells))],
                     "metadata": {"kernelspec": {"display_name": "Python 3",
                                                 "language": "python", "name": "python3"},
                                  "language_info": {"name": "python"}},
                     "nbformat": 4, "nbformat_minor": 5}
+        return json.dumps(notebook, indent=1) + "\n"
+
+    def to_notebook(self, path: str | os.PathLike[str],
+                    federation: str | os.PathLike[str] | None = None) -> Path:
+        """Write a small notebook at ``path`` (and the same code at ``path`` with ``.py``)
+        that rebuilds this release's spec and runs it at the same epsilon and k against
+        the federation file ``federation`` (default: ``$PETS_SITES_CONFIG`` when set, as in
+        the dashboard's kernels; else the synthetic demo). Run against the same federation
+        it returns the stored release and spends nothing. Returns the notebook's path."""
         target = Path(path)
-        target.write_text(json.dumps(notebook, indent=1) + "\n", encoding="utf-8")
+        target.write_text(self.notebook_json(federation), encoding="utf-8")
         target.with_suffix(".py").write_text(
             f'"""{question(self.spec)}: rebuilt from a pets_widgets release."""\n\n'
-            + "\n\n".join(cells).replace("release.display_table()",
-                                           "print(release.display_table())") + "\n",
+            + "\n\n".join(self._rerun_cells(federation)).replace(
+                "release.display_table()", "print(release.display_table())") + "\n",
             encoding="utf-8")
         return target
 

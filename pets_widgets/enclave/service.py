@@ -157,7 +157,7 @@ def response_info() -> str:
 
 def budget_dict(budget: Budget) -> dict[str, Any]:
     return {"analyst": budget.analyst, **{
-        name: f"{value.numerator}/{value.denominator}" for name, value in (
+        name: audit.fraction_text(value) for name, value in (
             ("analyst_spent", budget.analyst_spent), ("analyst_left", budget.analyst_left),
             ("federation_spent", budget.federation_spent),
             ("federation_left", budget.federation_left))}}
@@ -216,9 +216,8 @@ def _admit(enclave: Enclave, analyst: str, body: object) -> dict[str, Any]:
         enclave.abort(admitted, audit.FAILED, "trust.verifier",
                       f"no attestation token ({type(exc).__name__}); nothing spent")
         raise
-    eps = admitted.epsilon
     return {"admission": {"id": admitted.id, "spec": admitted.spec.to_dict(),
-                          "epsilon": f"{eps.numerator}/{eps.denominator}", "k": admitted.k,
+                          "epsilon": audit.fraction_text(admitted.epsilon), "k": admitted.k,
                           "packing": admitted.packing.to_dict(), "tokens": tokens,
                           "public_key_n": format(enclave.public_key.n, "x")}}
 

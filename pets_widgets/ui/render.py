@@ -14,10 +14,8 @@ import io
 import logging
 import math
 import sys
-import tempfile
 from collections.abc import Mapping
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -267,9 +265,7 @@ def download_html(release: Release) -> str:
     stem = release.file_stem()
     csv_uri = _data_uri(release.to_csv(), "text/csv")
     json_uri = _data_uri(release.to_json(), "application/json")
-    with tempfile.TemporaryDirectory() as folder:
-        notebook = release.to_notebook(Path(folder) / f"{stem}.ipynb")
-        nb_uri = _data_uri(notebook.read_text(encoding="utf-8"), "application/x-ipynb+json")
+    nb_uri = _data_uri(release.notebook_json(), "application/x-ipynb+json")
     return (f'<div class="pw-downloads"><a class="pw-download pw-download-csv" '
             f'download="{stem}.csv" href="{csv_uri}">Download table (CSV)</a>'
             f'<a class="pw-download pw-download-json" download="{stem}.json" '
